@@ -1,0 +1,265 @@
+//! Command-line grammar. Secret values are never arguments: they come from
+//! stdin, `--from-file` or a no-echo prompt (argv leaks into `ps` and shell
+//! history). Tokens come from the environment (`KEYWARD_TOKEN`), not argv.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "keyward", version, about = "Self-hosted credential broker for AI agents")]
+pub struct Cli {
+    /// Machine-readable output (JSON) and JSON errors.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How client commands reach a server.
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// Server URL, e.g. https://127.0.0.1:8443 (default: the local server found in --data-dir).
+    #[arg(long, env = "KEYWARD_ADDR", global = true)]
+    pub addr: Option<String>,
+    /// CA certificate (PEM) to trust for the server.
+    #[arg(long, env = "KEYWARD_CACERT", global = true)]
+    pub cacert: Option<PathBuf>,
+    /// Organization to act in.
+    #[arg(long, env = "KEYWARD_ORG", default_value = "default", global = true)]
+    pub org: String,
+    /// Data directory of a local server (used to find it when --addr is not set).
+    #[arg(long, env = "KEYWARD_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Initialise a data dir without serving; prints the one-time admin token.
+    Init(InitArgs),
+    /// Run the server (initialises an empty data dir first).
+    Serve(ServeArgs),
+    /// Server health, seal state, backend, version.
+    Status,
+    /// Unseal a passphrase-sealed server (passphrase from a prompt or stdin).
+    Unseal,
+    /// Organizations (tenants).
+    #[command(subcommand)]
+    Org(OrgCmd),
+    /// Human/admin tokens with a role in an organization.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Stored keys: values go in, never out.
+    #[command(subcommand)]
+    Secret(SecretCmd),
+    /// Agent identities and their tokens.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Which agent may use which secret, and how.
+    #[command(subcommand)]
+    Grant(GrantCmd),
+    /// Query and verify the audit trail.
+    Audit(AuditArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SealKind {
+    /// 32 random bytes in DATA_DIR/master.key (mode 0600).
+    Keyfile,
+    /// A passphrase (Argon2id); the server starts sealed until `keyward unseal`.
+    Passphrase,
+}
+
+#[derive(Args, Clone, Default)]
+pub struct ServerOpts {
+    /// TOML config file with the same keys as these flags (flags win).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Database URL (default: sqlite://DATA_DIR/keyward.db).
+    #[arg(long)]
+    pub database: Option<String>,
+    /// Serve this certificate chain (PEM) instead of the generated one.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub server: ServerOpts,
+    #[arg(long, value_enum, default_value = "keyfile")]
+    pub seal: SealKind,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub server: ServerOpts,
+    /// Address to listen on (default 127.0.0.1:8443; port 0 picks a free one).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Extra trust roots (PEM) for upstreams with a private CA.
+    #[arg(long)]
+    pub upstream_ca: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// Seal for a first-run initialisation.
+    #[arg(long, value_enum, default_value = "keyfile")]
+    pub seal: SealKind,
+}
+
+#[derive(Subcommand)]
+pub enum OrgCmd {
+    /// Create an organization (operator token only).
+    Create {
+        name: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a human token; printed once.
+    Create {
+        name: String,
+        #[arg(long)]
+        role: String,
+        /// Date or duration (2027-01-31, 90d).
+        #[arg(long)]
+        expires: Option<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct ValueSource {
+    /// Read the value from this file instead of stdin or a prompt.
+    #[arg(long)]
+    pub from_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum SecretCmd {
+    /// Store a key. The value comes from stdin, --from-file, or a no-echo prompt.
+    Put {
+        name: String,
+        #[command(flatten)]
+        source: ValueSource,
+        /// openai, anthropic, stripe, slack, github, google, twilio or generic.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Origin the key may be sent to (default: the provider's).
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Date or duration after which every use is denied.
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Metadata of every secret (never a value).
+    List,
+    /// Metadata of one secret (never its value).
+    Show { name: String },
+    /// Store a new current version (value from stdin, --from-file or prompt).
+    Rotate {
+        name: String,
+        #[command(flatten)]
+        source: ValueSource,
+    },
+    /// Revoke the current version, or one version.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        version: Option<i64>,
+    },
+    /// Delete a secret with its versions and grants.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum AgentCmd {
+    /// Create an agent; its token is printed once.
+    Create {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// Token lifetime (e.g. 30d).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Kill switch: the agent's next request is refused.
+    Disable {
+        name: String,
+    },
+    Enable {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum GrantCmd {
+    /// Let an agent use a secret.
+    Add {
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        secret: String,
+        /// proxy, reveal, or both (repeat or comma-separate).
+        #[arg(long = "mode", required = true)]
+        modes: Vec<String>,
+        /// Date or duration after which the grant no longer works.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        secret: Option<String>,
+    },
+    Remove {
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        secret: String,
+    },
+}
+
+#[derive(Args)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: Option<AuditCmd>,
+    #[arg(long)]
+    pub secret: Option<String>,
+    #[arg(long)]
+    pub agent: Option<String>,
+    #[arg(long)]
+    pub action: Option<String>,
+    /// allowed, denied or error.
+    #[arg(long)]
+    pub outcome: Option<String>,
+    /// RFC 3339 time, date, or how far back (1h, 7d).
+    #[arg(long)]
+    pub since: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// Check the hash chain; names the first broken sequence number.
+    Verify,
+}

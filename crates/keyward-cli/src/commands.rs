@@ -1,0 +1,520 @@
+//! What each command does.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use crate::args::*;
+use crate::client::{Client, seg};
+use crate::input::read_value;
+use crate::output::{self, s, table};
+use keyward_server::{DataDir, SealChoice, ServeConfig, datadir};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Input(String),
+    #[error("cannot reach the server: {0}")]
+    Connect(String),
+    #[error("{message} ({code})")]
+    Api { status: u16, code: String, message: String },
+    #[error("{0}")]
+    Setup(String),
+    #[error("audit trail is broken at sequence {seq}: {problem}")]
+    AuditBroken { seq: i64, problem: String },
+}
+
+impl CliError {
+    pub fn code(&self) -> String {
+        match self {
+            CliError::Usage(_) => "usage".into(),
+            CliError::Input(_) => "input".into(),
+            CliError::Connect(_) => "connect".into(),
+            CliError::Api { code, .. } => code.clone(),
+            CliError::Setup(_) => "setup".into(),
+            CliError::AuditBroken { .. } => "audit_broken".into(),
+        }
+    }
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Usage(_) | CliError::Input(_) => 2,
+            CliError::Connect(_) => 3,
+            CliError::AuditBroken { .. } => 4,
+            _ => 1,
+        }
+    }
+}
+
+fn setup(e: impl std::fmt::Display) -> CliError {
+    CliError::Setup(e.to_string())
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let json = cli.json;
+    let conn = cli.conn;
+    match cli.command {
+        Command::Init(a) => init(&conn, a, json).await,
+        Command::Serve(a) => serve(&conn, a).await,
+        Command::Status => {
+            let c = Client::new(&conn)?;
+            let v = c.get("/v1/sys/status").await?;
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "keyward {} — {} — seal {} ({}) — backend {}",
+                    s(&v["version"]),
+                    if v["sealed"].as_bool() == Some(true) { "SEALED" } else { "unsealed" },
+                    s(&v["seal"]),
+                    if v["sealed"].as_bool() == Some(true) { "run `keyward unseal`" } else { "ready" },
+                    s(&v["backend"])
+                );
+            }
+            Ok(())
+        }
+        Command::Unseal => {
+            let c = Client::new(&conn)?;
+            let pass = read_value(None, "Passphrase: ")?;
+            let v = c.post("/v1/sys/unseal", &json!({"passphrase": pass.as_str()})).await?;
+            if json {
+                print_json(&v)
+            } else {
+                println!("unsealed")
+            }
+            Ok(())
+        }
+        Command::Org(cmd) => org(&Client::new(&conn)?, cmd, json).await,
+        Command::Token(cmd) => token(&Client::new(&conn)?, cmd, json).await,
+        Command::Secret(cmd) => secret(&Client::new(&conn)?, cmd, json).await,
+        Command::Agent(cmd) => agent(&Client::new(&conn)?, cmd, json).await,
+        Command::Grant(cmd) => grant(&Client::new(&conn)?, cmd, json).await,
+        Command::Audit(a) => audit(&Client::new(&conn)?, a, json).await,
+    }
+}
+
+fn server_config(conn: &Conn, opts: &ServerOpts) -> Result<ServeConfig, CliError> {
+    let flags = ServeConfig {
+        data_dir: conn.data_dir.clone(),
+        database: opts.database.clone(),
+        tls_cert: opts.tls_cert.clone(),
+        tls_key: opts.tls_key.clone(),
+        ..ServeConfig::default()
+    };
+    let file = match &opts.config {
+        Some(p) => ServeConfig::from_file(p).map_err(setup)?,
+        None => ServeConfig::default(),
+    };
+    let cfg = flags.over(file);
+    cfg.validate().map_err(setup)?;
+    Ok(cfg)
+}
+
+fn seal_choice(kind: SealKind) -> Result<SealChoice, CliError> {
+    Ok(match kind {
+        SealKind::Keyfile => SealChoice::KeyFile,
+        SealKind::Passphrase => {
+            let p = read_value(None, "New passphrase (12+ characters): ")?;
+            SealChoice::Passphrase(Zeroizing::new(p.to_string()))
+        }
+    })
+}
+
+async fn init(conn: &Conn, a: InitArgs, json: bool) -> Result<(), CliError> {
+    let cfg = server_config(conn, &a.server)?;
+    let report = datadir::initialize(&cfg, seal_choice(a.seal)?).await.map_err(setup)?;
+    if json {
+        print_json(&report.to_json());
+    } else {
+        print_init_banner(&report);
+    }
+    Ok(())
+}
+
+fn print_init_banner(r: &keyward_server::InitReport) {
+    println!("keyward initialised in {} (seal: {}, database: {})", r.data_dir.display(), r.seal, r.database);
+    if let Some(ca) = &r.ca_cert {
+        let ca = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.clone());
+        println!("  CA certificate: {}", ca.display());
+        println!("    export KEYWARD_CACERT={}", ca.display());
+    }
+    println!("  admin token (shown once; store it now):");
+    println!("    export KEYWARD_TOKEN={}", r.admin_token.expose());
+    if r.seal == "passphrase" {
+        println!("  the server starts sealed: run `keyward unseal`");
+    }
+}
+
+fn init_logging(format: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("KEYWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == Some("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
+    let flags = ServeConfig {
+        listen: a.listen,
+        upstream_ca: a.upstream_ca.clone(),
+        log_format: a.log_format.clone(),
+        ..server_config(conn, &ServerOpts { config: None, ..a.server.clone() })?
+    };
+    let file = match &a.server.config {
+        Some(p) => ServeConfig::from_file(p).map_err(setup)?,
+        None => ServeConfig::default(),
+    };
+    let cfg = flags.over(file);
+    cfg.validate().map_err(setup)?;
+    init_logging(cfg.log_format.as_deref());
+
+    if datadir::needs_init(&cfg).await.map_err(setup)? {
+        let report = datadir::initialize(&cfg, seal_choice(a.seal)?).await.map_err(setup)?;
+        print_init_banner(&report);
+    }
+    let vault = datadir::open_vault(&cfg).await.map_err(setup)?;
+    let (cert, key) = datadir::tls_paths(&cfg);
+    let tls = keyward_server::tls::server_config(&cert, &key).map_err(setup)?;
+    let dir = DataDir::new(cfg.data_dir());
+    let ca = cfg.tls_cert.is_none().then(|| dir.ca_cert());
+    let sealed = vault.is_sealed();
+    let on_listening = move |addr: std::net::SocketAddr| {
+        let url = format!("https://{addr}");
+        if let Err(e) = dir.write_endpoint(&url, ca.as_deref()) {
+            tracing::warn!(error = %e, "could not write endpoint file");
+        }
+        println!("keyward listening on {url}{}", if sealed { " (sealed: run `keyward unseal`)" } else { "" });
+        let _ = std::io::stdout().flush();
+    };
+    keyward_server::serve::run(Arc::clone(&vault), cfg.listen(), tls, on_listening)
+        .await
+        .map_err(|e| setup(format!("serving on {}: {e}", cfg.listen())))
+}
+
+async fn org(c: &Client, cmd: OrgCmd, json: bool) -> Result<(), CliError> {
+    let v = match cmd {
+        OrgCmd::Create { name } => c.post("/v1/orgs", &json!({"name": name})).await?,
+        OrgCmd::List => c.get("/v1/orgs").await?,
+    };
+    if json {
+        print_json(&v);
+    } else if let Some(orgs) = v["orgs"].as_array() {
+        table(
+            &["NAME", "ID", "CREATED"],
+            orgs.iter().map(|o| vec![s(&o["name"]), s(&o["id"]), s(&o["created_at"])]).collect(),
+        );
+    } else {
+        println!("created organization {} ({})", s(&v["name"]), s(&v["id"]));
+    }
+    Ok(())
+}
+
+async fn token(c: &Client, cmd: TokenCmd, json: bool) -> Result<(), CliError> {
+    let TokenCmd::Create { name, role, expires } = cmd;
+    let v = c.post(&c.org_path("/tokens"), &json!({"name": name, "role": role, "expires": expires})).await?;
+    if json {
+        print_json(&v);
+    } else {
+        println!("created {} token {} ({}); shown once:", s(&v["role"]), s(&v["name"]), s(&v["id"]));
+        println!("{}", s(&v["token"]));
+    }
+    Ok(())
+}
+
+async fn secret(c: &Client, cmd: SecretCmd, json: bool) -> Result<(), CliError> {
+    let v = match cmd {
+        SecretCmd::Put { name, source, provider, upstream, expires, description, tags } => {
+            let value = read_value(source.from_file.as_deref(), &format!("Value for {name} (not echoed): "))?;
+            let body = json!({
+                "name": name, "value": value.as_str(), "provider": provider, "upstream": upstream,
+                "expires": expires, "description": description, "tags": tags,
+            });
+            let bytes = Zeroizing::new(serde_json::to_vec(&body).expect("json"));
+            drop(body);
+            let v = c.call(reqwest::Method::POST, &c.org_path("/secrets"), Some(bytes.to_vec())).await?;
+            if !json {
+                println!("stored {} ({}) version 1, fingerprint {}", s(&v["name"]), s(&v["id"]), fingerprint(&v));
+                return Ok(());
+            }
+            v
+        }
+        SecretCmd::Rotate { name, source } => {
+            let value = read_value(source.from_file.as_deref(), &format!("New value for {name} (not echoed): "))?;
+            let path = c.org_path(&format!("/secrets/{}/rotate", seg(&name)));
+            let v = c.post(&path, &json!({"value": value.as_str()})).await?;
+            if !json {
+                println!(
+                    "rotated {}: version {} is current, fingerprint {}",
+                    s(&v["name"]),
+                    s(&v["current_version"]),
+                    fingerprint(&v)
+                );
+                return Ok(());
+            }
+            v
+        }
+        SecretCmd::List => {
+            let v = c.get(&c.org_path("/secrets")).await?;
+            if !json {
+                let rows = v["secrets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| {
+                        vec![
+                            s(&x["name"]),
+                            s(&x["id"]),
+                            s(&x["provider"]),
+                            format!("v{}", s(&x["current_version"])),
+                            x["versions"].as_array().map_or(0, |a| a.len()).to_string(),
+                            fingerprint(x),
+                            s(&x["expires_at"]),
+                            x["grants"].as_array().map_or(0, |a| a.len()).to_string(),
+                            s(&x["last_used"]),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["NAME", "ID", "PROVIDER", "CURRENT", "VERSIONS", "FINGERPRINT", "EXPIRES", "GRANTS", "LAST USED"],
+                    rows,
+                );
+                return Ok(());
+            }
+            v
+        }
+        SecretCmd::Show { name } => {
+            let v = c.get(&c.org_path(&format!("/secrets/{}", seg(&name)))).await?;
+            if !json {
+                output::secret_detail(&v);
+                return Ok(());
+            }
+            v
+        }
+        SecretCmd::Revoke { name, version } => {
+            let v =
+                c.post(&c.org_path(&format!("/secrets/{}/revoke", seg(&name))), &json!({"version": version})).await?;
+            if !json {
+                match version {
+                    Some(n) => println!("revoked {} version {n}", s(&v["name"])),
+                    None => println!("revoked every version of {}", s(&v["name"])),
+                }
+                return Ok(());
+            }
+            v
+        }
+        SecretCmd::Delete { name } => {
+            let v = c.delete(&c.org_path(&format!("/secrets/{}", seg(&name)))).await?;
+            if !json {
+                println!("deleted {name}");
+                return Ok(());
+            }
+            v
+        }
+    };
+    print_json(&v);
+    Ok(())
+}
+
+fn fingerprint(secret: &Value) -> String {
+    let cur = &secret["current_version"];
+    secret["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| &v["version"] == cur)
+        .map(|v| s(&v["fingerprint"]))
+        .unwrap_or_else(|| "-".into())
+}
+
+async fn agent(c: &Client, cmd: AgentCmd, json: bool) -> Result<(), CliError> {
+    let v = match cmd {
+        AgentCmd::Create { name, description, ttl } => {
+            let v =
+                c.post(&c.org_path("/agents"), &json!({"name": name, "description": description, "ttl": ttl})).await?;
+            if !json {
+                println!("created agent {} ({}); its token, shown once:", s(&v["agent"]["name"]), s(&v["agent"]["id"]));
+                println!("{}", s(&v["token"]));
+                return Ok(());
+            }
+            v
+        }
+        AgentCmd::List => {
+            let v = c.get(&c.org_path("/agents")).await?;
+            if !json {
+                let rows = v["agents"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| {
+                        let state = if a["disabled"].as_bool() == Some(true) { "disabled" } else { "enabled" };
+                        vec![s(&a["name"]), s(&a["id"]), state.into(), s(&a["created_at"])]
+                    })
+                    .collect();
+                table(&["NAME", "ID", "STATE", "CREATED"], rows);
+                return Ok(());
+            }
+            v
+        }
+        AgentCmd::Show { name } => {
+            let v = c.get(&c.org_path(&format!("/agents/{}", seg(&name)))).await?;
+            if !json {
+                let a = &v["agent"];
+                println!("name:     {}", s(&a["name"]));
+                println!("id:       {}", s(&a["id"]));
+                println!("disabled: {}", s(&a["disabled"]));
+                println!("created:  {}", s(&a["created_at"]));
+                println!("grants:");
+                for g in v["grants"].as_array().into_iter().flatten() {
+                    println!(
+                        "  secret {}  modes {}  expires {}",
+                        s(&g["secret_id"]),
+                        output::modes(&g["modes"]),
+                        s(&g["expires_at"])
+                    );
+                }
+                return Ok(());
+            }
+            v
+        }
+        AgentCmd::Disable { name } => toggle(c, &name, "disable").await?,
+        AgentCmd::Enable { name } => toggle(c, &name, "enable").await?,
+    };
+    if !json && v.get("disabled").is_some() {
+        let state = if v["disabled"].as_bool() == Some(true) { "disabled" } else { "enabled" };
+        println!("{state} agent {}", s(&v["name"]));
+        return Ok(());
+    }
+    print_json(&v);
+    Ok(())
+}
+
+async fn toggle(c: &Client, name: &str, what: &str) -> Result<Value, CliError> {
+    c.post(&c.org_path(&format!("/agents/{}/{what}", seg(name))), &json!({})).await
+}
+
+async fn grant(c: &Client, cmd: GrantCmd, json: bool) -> Result<(), CliError> {
+    let v = match cmd {
+        GrantCmd::Add { agent, secret, modes, expires } => {
+            let v = c
+                .post(
+                    &c.org_path("/grants"),
+                    &json!({"agent": agent, "secret": secret, "modes": modes, "expires": expires}),
+                )
+                .await?;
+            if !json {
+                println!(
+                    "granted {agent} use of {secret} ({}), expires {}",
+                    output::modes(&v["modes"]),
+                    s(&v["expires_at"])
+                );
+                return Ok(());
+            }
+            v
+        }
+        GrantCmd::List { agent, secret } => {
+            let mut q = Vec::new();
+            if let Some(a) = agent {
+                q.push(format!("agent={}", seg(&a)));
+            }
+            if let Some(x) = secret {
+                q.push(format!("secret={}", seg(&x)));
+            }
+            let v = c.get(&format!("{}?{}", c.org_path("/grants"), q.join("&"))).await?;
+            if !json {
+                let rows = v["grants"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|g| {
+                        vec![s(&g["agent_id"]), s(&g["secret_id"]), output::modes(&g["modes"]), s(&g["expires_at"])]
+                    })
+                    .collect();
+                table(&["AGENT", "SECRET", "MODES", "EXPIRES"], rows);
+                return Ok(());
+            }
+            v
+        }
+        GrantCmd::Remove { agent, secret } => {
+            let v = c.delete(&c.org_path(&format!("/grants/{}/{}", seg(&agent), seg(&secret)))).await?;
+            if !json {
+                println!("removed the grant of {secret} to {agent}");
+                return Ok(());
+            }
+            v
+        }
+    };
+    print_json(&v);
+    Ok(())
+}
+
+async fn audit(c: &Client, a: AuditArgs, json: bool) -> Result<(), CliError> {
+    if let Some(AuditCmd::Verify) = a.command {
+        let v = c.get(&c.org_path("/audit/verify")).await?;
+        if json {
+            print_json(&v);
+        }
+        if v["ok"].as_bool() == Some(true) {
+            if !json {
+                println!("audit trail verified: {} events, head {}", s(&v["events"]), s(&v["head_hash"]));
+            }
+            return Ok(());
+        }
+        return Err(CliError::AuditBroken { seq: v["broken_at"].as_i64().unwrap_or(-1), problem: s(&v["problem"]) });
+    }
+    let mut q = vec![format!("limit={}", a.limit)];
+    for (k, val) in [
+        ("secret", &a.secret),
+        ("agent", &a.agent),
+        ("action", &a.action),
+        ("outcome", &a.outcome),
+        ("since", &a.since),
+    ] {
+        if let Some(x) = val {
+            q.push(format!("{k}={}", seg(x)));
+        }
+    }
+    let v = c.get(&format!("{}?{}", c.org_path("/audit"), q.join("&"))).await?;
+    let events = v["events"].as_array().cloned().unwrap_or_default();
+    if json {
+        // JSON lines, oldest first.
+        for e in events.iter().rev() {
+            println!("{e}");
+        }
+        return Ok(());
+    }
+    let rows = events
+        .iter()
+        .rev()
+        .map(|e| {
+            let actor = format!("{}:{}", s(&e["actor"]["kind"]), s(&e["actor"]["name"]));
+            let secret = match (&e["secret_name"], &e["secret_version"]) {
+                (Value::Null, _) => "-".to_owned(),
+                (n, Value::Null) => s(n),
+                (n, v) => format!("{}@v{}", s(n), s(v)),
+            };
+            vec![
+                s(&e["seq"]),
+                s(&e["time"]),
+                s(&e["outcome"]),
+                s(&e["action"]),
+                actor,
+                secret,
+                s(&e["purpose"]),
+                s(&e["source_ip"]),
+                s(&e["reason"]),
+            ]
+        })
+        .collect();
+    table(&["SEQ", "TIME", "OUTCOME", "ACTION", "ACTOR", "SECRET", "PURPOSE", "SOURCE", "REASON"], rows);
+    Ok(())
+}

@@ -1,0 +1,26 @@
+//! `keyward`: one binary for the server, the admin CLI and agent helpers.
+#![forbid(unsafe_code)]
+
+mod args;
+mod client;
+mod commands;
+mod input;
+mod output;
+
+use clap::Parser;
+
+fn main() {
+    let cli = args::Cli::parse();
+    let json = cli.json;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(commands::run(cli));
+    if let Err(e) = result {
+        if json {
+            let body = serde_json::json!({"error": {"code": e.code(), "message": e.to_string()}});
+            eprintln!("{body}");
+        } else {
+            eprintln!("keyward: {e}");
+        }
+        std::process::exit(e.exit_code());
+    }
+}

@@ -1,0 +1,73 @@
+//! Human-readable output. With `--json` commands print the API's JSON as is.
+
+use serde_json::Value;
+
+pub fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => {
+            let parts: Vec<String> = a.iter().map(s).collect();
+            if parts.is_empty() { "-".into() } else { parts.join(",") }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Prints rows as aligned columns under a header.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = width[i])).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+pub fn secret_detail(v: &Value) {
+    println!("name:        {}", s(&v["name"]));
+    println!("id:          {}", s(&v["id"]));
+    println!("provider:    {}", s(&v["provider"]));
+    println!("upstream:    {}", s(&v["upstream"]));
+    println!("description: {}", s(&v["description"]));
+    println!("tags:        {}", s(&v["tags"]));
+    println!("created:     {}", s(&v["created_at"]));
+    println!("updated:     {}", s(&v["updated_at"]));
+    println!("expires:     {}", s(&v["expires_at"]));
+    println!("current:     v{}", s(&v["current_version"]));
+    println!("last used:   {}", s(&v["last_used"]));
+    println!("versions:");
+    for ver in v["versions"].as_array().into_iter().flatten() {
+        println!(
+            "  v{:<4} {:<8} fingerprint {}  created {}  revoked {}",
+            s(&ver["version"]),
+            s(&ver["state"]),
+            s(&ver["fingerprint"]),
+            s(&ver["created_at"]),
+            s(&ver["revoked_at"])
+        );
+    }
+    println!("grants:");
+    for g in v["grants"].as_array().into_iter().flatten() {
+        println!("  agent {}  modes {}  expires {}", s(&g["agent_id"]), modes(&g["modes"]), s(&g["expires_at"]));
+    }
+}
+
+pub fn modes(m: &Value) -> String {
+    let mut v = Vec::new();
+    if m["proxy"].as_bool() == Some(true) {
+        v.push("proxy");
+    }
+    if m["reveal"].as_bool() == Some(true) {
+        v.push("reveal");
+    }
+    v.join(",")
+}

@@ -1,0 +1,321 @@
+//! Domain records. None of these holds a plaintext value: versions carry only
+//! ciphertext, tokens only their hash.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::error::CoreError;
+
+/// `[a-z0-9][a-z0-9._-]{0,62}`: the rule for secret, agent and org names.
+pub fn validate_name(field: &'static str, name: &str) -> Result<(), CoreError> {
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes[1..].iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CoreError::invalid(
+            field,
+            "must match [a-z0-9][a-z0-9._-]{0,62} (lowercase letters, digits, '.', '_', '-'; at most 63)",
+        ))
+    }
+}
+
+/// A new stable identifier with a type prefix, e.g. `sec_0192…`.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Auditor,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Auditor => "auditor",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self, CoreError> {
+        match s {
+            "owner" => Ok(Role::Owner),
+            "admin" => Ok(Role::Admin),
+            "auditor" => Ok(Role::Auditor),
+            _ => Err(CoreError::invalid("role", "must be owner, admin or auditor")),
+        }
+    }
+}
+
+/// How a grant lets an agent use a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Modes {
+    pub proxy: bool,
+    pub reveal: bool,
+}
+
+impl Modes {
+    pub fn parse_list(items: &[String]) -> Result<Self, CoreError> {
+        let mut m = Modes::default();
+        for it in items {
+            for part in it.split(',') {
+                match part.trim() {
+                    "proxy" => m.proxy = true,
+                    "reveal" => m.reveal = true,
+                    other => {
+                        return Err(CoreError::invalid(
+                            "mode",
+                            format!("`{other}` is not a mode; use proxy or reveal"),
+                        ));
+                    }
+                }
+            }
+        }
+        if !m.proxy && !m.reveal {
+            return Err(CoreError::invalid("mode", "at least one of proxy, reveal"));
+        }
+        Ok(m)
+    }
+    pub fn names(self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.proxy {
+            v.push("proxy");
+        }
+        if self.reveal {
+            v.push("reveal");
+        }
+        v
+    }
+}
+
+/// Provider presets: where a key is sent by default. How it is injected is
+/// the proxy's business; the core only keeps the binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    Openai,
+    Anthropic,
+    Stripe,
+    Slack,
+    Github,
+    Google,
+    Twilio,
+    Generic,
+}
+
+impl Provider {
+    pub const ALL: [Provider; 8] = [
+        Provider::Openai,
+        Provider::Anthropic,
+        Provider::Stripe,
+        Provider::Slack,
+        Provider::Github,
+        Provider::Google,
+        Provider::Twilio,
+        Provider::Generic,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Openai => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Stripe => "stripe",
+            Provider::Slack => "slack",
+            Provider::Github => "github",
+            Provider::Google => "google",
+            Provider::Twilio => "twilio",
+            Provider::Generic => "generic",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self, CoreError> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| {
+            CoreError::invalid(
+                "provider",
+                "must be one of openai, anthropic, stripe, slack, github, google, twilio, generic",
+            )
+        })
+    }
+    pub fn default_upstream(self) -> Option<&'static str> {
+        match self {
+            Provider::Openai => Some("https://api.openai.com"),
+            Provider::Anthropic => Some("https://api.anthropic.com"),
+            Provider::Stripe => Some("https://api.stripe.com"),
+            Provider::Slack => Some("https://slack.com"),
+            Provider::Github => Some("https://api.github.com"),
+            Provider::Google => Some("https://generativelanguage.googleapis.com"),
+            Provider::Twilio => Some("https://api.twilio.com"),
+            Provider::Generic => None,
+        }
+    }
+}
+
+/// An upstream origin: `https://host[:port]`, nothing else (no path, query,
+/// user info or fragment), so a key can be bound to exactly one place.
+pub fn validate_origin(s: &str) -> Result<String, CoreError> {
+    let err = |m: &str| CoreError::invalid("upstream", m.to_owned());
+    let rest = if let Some(r) = s.strip_prefix("https://") {
+        r
+    } else if let Some(r) = s.strip_prefix("http://") {
+        r
+    } else {
+        return Err(err("must start with https:// (or http:// for a loopback service)"));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@', '\\', ' ']) || rest.chars().any(|c| c.is_control()) {
+        return Err(err("must be an origin: scheme://host[:port] with no path, query or user info"));
+    }
+    Ok(s.strip_suffix('/').unwrap_or(s).to_ascii_lowercase())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Org {
+    pub id: String,
+    pub name: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// An organization as stored: with its data key, wrapped by the master key.
+#[derive(Clone)]
+pub struct OrgRecord {
+    pub org: Org,
+    pub wrapped_key: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Secret {
+    pub id: String,
+    pub org_id: String,
+    pub name: String,
+    pub provider: String,
+    pub upstream: Option<String>,
+    pub description: Option<String>,
+    pub tags: Vec<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionState {
+    Current,
+    Revoked,
+}
+
+impl VersionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Current => "current",
+            VersionState::Revoked => "revoked",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "current" => Some(Self::Current),
+            "revoked" => Some(Self::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// One version of a secret. `ciphertext` is sealed under the org's data key
+/// with [`crate::crypto::value_aad`]; never serialized.
+#[derive(Clone)]
+pub struct SecretVersion {
+    pub secret_id: String,
+    pub version: i64,
+    pub state: VersionState,
+    pub ciphertext: Vec<u8>,
+    pub fingerprint: String,
+    pub created_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Agent {
+    pub id: String,
+    pub org_id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub disabled: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// An agent credential as stored: only the SHA-256 of the token.
+#[derive(Clone)]
+pub struct AgentToken {
+    pub id: String,
+    pub agent_id: String,
+    pub hash: [u8; 32],
+    pub created_at: OffsetDateTime,
+    pub expires_at: Option<OffsetDateTime>,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Grant {
+    pub id: String,
+    pub org_id: String,
+    pub agent_id: String,
+    pub secret_id: String,
+    pub modes: Modes,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// A human/admin credential: a role in one organization, or in all of them
+/// (`org_id: None`, the operator token created at initialisation).
+#[derive(Clone)]
+pub struct UserToken {
+    pub id: String,
+    pub org_id: Option<String>,
+    pub name: String,
+    pub role: Role,
+    pub hash: [u8; 32],
+    pub created_at: OffsetDateTime,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "openai-prod", "0", "a.b_c-d", &"a".repeat(63)] {
+            assert!(validate_name("name", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "A", "-a", ".a", "a b", "a/b", "é", &"a".repeat(64), "a\n"] {
+            assert!(validate_name("name", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn origins() {
+        assert_eq!(validate_origin("https://API.openai.com/").unwrap(), "https://api.openai.com");
+        assert!(validate_origin("https://a.example:8443").is_ok());
+        for bad in ["ftp://x", "https://", "https://a/b", "https://u@a", "https://a?x", "api.openai.com"] {
+            assert!(validate_origin(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn modes() {
+        let m = Modes::parse_list(&["proxy,reveal".into()]).unwrap();
+        assert!(m.proxy && m.reveal);
+        assert!(Modes::parse_list(&[]).is_err());
+        assert!(Modes::parse_list(&["read".into()]).is_err());
+    }
+}

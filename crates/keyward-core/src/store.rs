@@ -1,0 +1,107 @@
+//! The persistence boundary. Implementations (SQLite, PostgreSQL) live in
+//! `keyward-store`; they know no policy and never see a plaintext value.
+//! Every method is atomic: it either applies whole or not at all.
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::audit::{AuditDraft, AuditRecord, Outcome};
+use crate::model::{Agent, AgentToken, Grant, Org, OrgRecord, Secret, SecretVersion, UserToken};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A uniqueness rule would be broken (`what` names it).
+    #[error("{what} already exists")]
+    Duplicate { what: &'static str },
+    /// The database cannot be reached or refuses writes right now.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data does not decode (a bug or tampering).
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Filters for reading the audit trail, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub org_id: Option<String>,
+    /// Matches the secret's id or name.
+    pub secret: Option<String>,
+    /// Matches an agent actor's id or name.
+    pub agent: Option<String>,
+    pub action: Option<String>,
+    pub outcome: Option<Outcome>,
+    pub since: Option<OffsetDateTime>,
+    /// Cursor: only events with a smaller sequence number.
+    pub before_seq: Option<i64>,
+    pub limit: u32,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`, for status output.
+    fn backend(&self) -> &'static str;
+
+    // Instance metadata (seal parameters, initialisation marker).
+    async fn get_meta(&self, key: &str) -> StoreResult<Option<String>>;
+    /// Inserts; `Duplicate` if the key exists (so two initialisers cannot both win).
+    async fn insert_meta(&self, key: &str, value: &str) -> StoreResult<()>;
+
+    // Organizations.
+    async fn create_org(&self, org: &OrgRecord) -> StoreResult<()>;
+    async fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRecord>>;
+    async fn org_by_id(&self, id: &str) -> StoreResult<Option<OrgRecord>>;
+    async fn list_orgs(&self) -> StoreResult<Vec<Org>>;
+
+    // Secrets and versions.
+    async fn create_secret(&self, secret: &Secret, first: &SecretVersion) -> StoreResult<()>;
+    /// By id (`sec_…`) or by name, within one org.
+    async fn find_secret(&self, org_id: &str, name_or_id: &str) -> StoreResult<Option<Secret>>;
+    async fn list_secrets(&self, org_id: &str) -> StoreResult<Vec<Secret>>;
+    async fn current_version(&self, secret_id: &str) -> StoreResult<Option<SecretVersion>>;
+    async fn list_versions(&self, secret_id: &str) -> StoreResult<Vec<SecretVersion>>;
+    /// Adds `next` as the current version and revokes every other
+    /// non-revoked version, in one transaction.
+    async fn rotate_secret(&self, next: &SecretVersion, at: OffsetDateTime) -> StoreResult<()>;
+    /// Revokes one version (`Some`) or all (`None`); returns how many changed.
+    async fn revoke_versions(&self, secret_id: &str, version: Option<i64>, at: OffsetDateTime) -> StoreResult<u64>;
+    /// Deletes a secret with its versions and grants.
+    async fn delete_secret(&self, secret_id: &str) -> StoreResult<bool>;
+
+    // Agents and their tokens.
+    async fn create_agent(&self, agent: &Agent, token: &AgentToken) -> StoreResult<()>;
+    async fn find_agent(&self, org_id: &str, name_or_id: &str) -> StoreResult<Option<Agent>>;
+    async fn list_agents(&self, org_id: &str) -> StoreResult<Vec<Agent>>;
+    async fn set_agent_disabled(&self, agent_id: &str, disabled: bool) -> StoreResult<bool>;
+    async fn agent_by_token_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<(Agent, AgentToken)>>;
+
+    // Grants.
+    /// Inserts or replaces the grant for (agent, secret).
+    async fn put_grant(&self, grant: &Grant) -> StoreResult<()>;
+    async fn find_grant(&self, agent_id: &str, secret_id: &str) -> StoreResult<Option<Grant>>;
+    async fn list_grants(
+        &self,
+        org_id: &str,
+        agent_id: Option<&str>,
+        secret_id: Option<&str>,
+    ) -> StoreResult<Vec<Grant>>;
+    async fn delete_grant(&self, agent_id: &str, secret_id: &str) -> StoreResult<bool>;
+
+    // Human tokens.
+    async fn create_user_token(&self, token: &UserToken) -> StoreResult<()>;
+    async fn user_token_by_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<UserToken>>;
+
+    // Audit trail.
+    /// Appends a batch at the chain's tail in one transaction, computing
+    /// sequence numbers and hashes with [`crate::audit::chain_batch`] while
+    /// holding the tail, so concurrent appenders still form one chain.
+    async fn append_audit(&self, batch: &[AuditDraft]) -> StoreResult<Vec<AuditRecord>>;
+    async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
+    /// Events with `seq > after_seq` in ascending order, for verification.
+    async fn audit_page(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<AuditRecord>>;
+}

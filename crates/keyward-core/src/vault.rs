@@ -1,0 +1,1105 @@
+//! The Vault service: every operation of keyward, and the one choke point
+//! where a secret value is decrypted ([`Vault::use_secret`]: authorise →
+//! write the audit record → decrypt → hand out). Adapters (HTTP API, proxy,
+//! CLI) call these methods and hold no crypto of their own.
+
+use std::sync::{Arc, RwLock};
+
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+use zeroize::Zeroizing;
+
+use crate::audit::{Actor, AuditDraft, AuditRecord, ChainVerifier, Outcome, VerifyReport, clean_free_text};
+use crate::audit_writer::AuditWriter;
+use crate::cache::Cache;
+use crate::clock::Clock;
+use crate::crypto::{KeyMaterial, data_key_aad, fingerprint_prefix, value_aad};
+use crate::error::CoreError;
+use crate::model::*;
+use crate::seal::{Argon2Params, SealConfig, SealError};
+use crate::store::{AuditQuery, Store, StoreError};
+use crate::token::{self, Token, TokenKind};
+
+/// Largest value keyward stores.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+const META_SEAL: &str = "seal";
+const META_INITIALIZED: &str = "initialized_at";
+pub const DEFAULT_ORG: &str = "default";
+
+/// A plaintext secret value. Zeroized on drop; no Debug, Display or
+/// Serialize, so it cannot be printed or logged by accident.
+pub struct SecretValue(Zeroizing<Vec<u8>>);
+
+impl SecretValue {
+    /// Validates a value given by a human: non-empty, at most 64 KiB.
+    pub fn new(bytes: Vec<u8>) -> Result<Self, CoreError> {
+        let v = Zeroizing::new(bytes);
+        if v.is_empty() {
+            return Err(CoreError::invalid("value", "is empty"));
+        }
+        if v.len() > MAX_VALUE_BYTES {
+            return Err(CoreError::invalid("value", "is larger than 64 KiB"));
+        }
+        Ok(Self(v))
+    }
+    pub fn expose_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn expose_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.0).ok()
+    }
+}
+
+/// Facts about the request an operation serves, recorded in the audit trail.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    pub source_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+    pub purpose: Option<String>,
+}
+
+/// An authenticated human/admin caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub token_id: String,
+    pub name: String,
+    /// `None`: the operator token, owner of every organization.
+    pub org_id: Option<String>,
+    pub role: Role,
+}
+
+impl Principal {
+    fn actor(&self) -> Actor {
+        Actor {
+            kind: "user".into(),
+            id: Some(self.token_id.clone()),
+            name: Some(self.name.clone()),
+            token_id: Some(self.token_id.clone()),
+        }
+    }
+}
+
+/// How an agent wants to use a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UseMode {
+    Reveal,
+    Proxy,
+}
+
+/// A value handed out by [`Vault::use_secret`], after its audit record committed.
+pub struct Released {
+    pub secret: Secret,
+    pub version: i64,
+    pub audit_seq: i64,
+    pub value: SecretValue,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VersionInfo {
+    pub version: i64,
+    pub state: &'static str,
+    pub fingerprint: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+impl From<&SecretVersion> for VersionInfo {
+    fn from(v: &SecretVersion) -> Self {
+        Self {
+            version: v.version,
+            state: v.state.as_str(),
+            fingerprint: v.fingerprint.clone(),
+            created_at: v.created_at,
+            revoked_at: v.revoked_at,
+        }
+    }
+}
+
+/// Metadata of a secret for humans: never its value.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SecretInfo {
+    #[serde(flatten)]
+    pub secret: Secret,
+    pub current_version: Option<i64>,
+    pub versions: Vec<VersionInfo>,
+    pub grants: Vec<Grant>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_used: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewSecret {
+    pub name: String,
+    pub provider: Option<String>,
+    pub upstream: Option<String>,
+    pub description: Option<String>,
+    pub tags: Vec<String>,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub initialized: bool,
+    pub sealed: bool,
+    pub seal: &'static str,
+    pub backend: &'static str,
+    pub version: &'static str,
+}
+
+/// What initialisation hands back once: the operator token.
+pub struct Initialized {
+    pub admin_token: Token,
+    pub default_org: Org,
+}
+
+/// How a new instance protects its master key.
+pub enum InitSeal {
+    KeyFile(KeyMaterial),
+    Passphrase { passphrase: Zeroizing<String>, params: Argon2Params },
+}
+
+pub struct Vault {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    seal: SealConfig,
+    master: RwLock<Option<Arc<KeyMaterial>>>,
+    unseal_lock: Mutex<()>,
+    cache: Cache,
+    audit: AuditWriter,
+}
+
+fn seal_err(e: SealError) -> CoreError {
+    match e {
+        SealError::WrongPassphrase => CoreError::WrongPassphrase,
+        SealError::Crypto(c) => CoreError::Crypto(c),
+        other => CoreError::invalid("seal", other.to_string()),
+    }
+}
+
+fn not_found(what: &'static str) -> CoreError {
+    CoreError::NotFound { what }
+}
+
+fn forbidden(code: &'static str, reason: impl Into<String>) -> CoreError {
+    CoreError::Forbidden { code, reason: reason.into() }
+}
+
+impl Vault {
+    /// First-time set-up of an empty store: seal configuration, the
+    /// `default` organization and the operator token (returned once).
+    pub async fn initialize(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        seal: InitSeal,
+    ) -> Result<Initialized, CoreError> {
+        if store.get_meta(META_INITIALIZED).await?.is_some() {
+            return Err(CoreError::Conflict { message: "keyward is already initialised".into() });
+        }
+        let (config, master) = match seal {
+            InitSeal::KeyFile(k) => (SealConfig::Keyfile, k),
+            InitSeal::Passphrase { passphrase, params } => {
+                SealConfig::new_passphrase(&passphrase, params).map_err(seal_err)?
+            }
+        };
+        store.insert_meta(META_SEAL, &config.to_json()).await.map_err(|e| match e {
+            StoreError::Duplicate { .. } => CoreError::Conflict { message: "keyward is already initialised".into() },
+            other => other.into(),
+        })?;
+        let now = clock.now();
+        let org = Org { id: new_id("org"), name: DEFAULT_ORG.into(), created_at: now };
+        let dek = KeyMaterial::generate()?;
+        let wrapped_key = master.seal(dek.expose(), &data_key_aad(&org.id))?;
+        store.create_org(&OrgRecord { org: org.clone(), wrapped_key }).await?;
+        let admin_token = Token::generate(TokenKind::User)?;
+        let t = UserToken {
+            id: new_id("utk"),
+            org_id: None,
+            name: "operator".into(),
+            role: Role::Owner,
+            hash: admin_token.hash(),
+            created_at: now,
+            expires_at: None,
+        };
+        store.create_user_token(&t).await?;
+        let draft = AuditDraft {
+            org_id: None,
+            actor: Actor::system(),
+            action: "instance.init".into(),
+            reason: Some(format!("seal={}", config.kind())),
+            ..draft_base(now, Outcome::Allowed, &RequestMeta::default())
+        };
+        store.append_audit(&[draft]).await?;
+        let at = now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        store.insert_meta(META_INITIALIZED, &at).await?;
+        Ok(Initialized { admin_token, default_org: org })
+    }
+
+    pub async fn is_initialized(store: &dyn Store) -> Result<bool, CoreError> {
+        Ok(store.get_meta(META_INITIALIZED).await?.is_some())
+    }
+
+    /// Opens an initialised store. With a key-file seal, `key` must be the
+    /// master key and the vault starts unsealed; with a passphrase seal it
+    /// starts sealed and `key` is ignored.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        key: Option<KeyMaterial>,
+    ) -> Result<Arc<Self>, CoreError> {
+        let seal_json = store
+            .get_meta(META_SEAL)
+            .await?
+            .ok_or_else(|| CoreError::invalid("store", "not initialised; run `keyward init`"))?;
+        let seal = SealConfig::from_json(&seal_json).map_err(seal_err)?;
+        let master = match (&seal, key) {
+            (SealConfig::Keyfile, Some(k)) => Some(Arc::new(k)),
+            (SealConfig::Keyfile, None) => {
+                return Err(CoreError::invalid("seal", "this instance needs its master key file"));
+            }
+            (SealConfig::Passphrase { .. }, _) => None,
+        };
+        let vault = Arc::new(Self {
+            audit: AuditWriter::spawn(store.clone()),
+            store,
+            clock,
+            seal,
+            master: RwLock::new(None),
+            unseal_lock: Mutex::new(()),
+            cache: Cache::new(),
+        });
+        if let Some(m) = master {
+            vault.check_master(&m).await?;
+            *vault.master.write().unwrap_or_else(|e| e.into_inner()) = Some(m);
+        }
+        Ok(vault)
+    }
+
+    /// A master key that does not open the orgs' data keys is the wrong key.
+    async fn check_master(&self, master: &KeyMaterial) -> Result<(), CoreError> {
+        let org = self
+            .store
+            .org_by_name(DEFAULT_ORG)
+            .await?
+            .ok_or_else(|| CoreError::invalid("store", "the default organization is missing"))?;
+        master.open(&org.wrapped_key, &data_key_aad(&org.org.id)).map(|_| ()).map_err(|_| {
+            CoreError::invalid("master key", "does not match this database (wrong key file or passphrase)")
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.master.read().unwrap_or_else(|e| e.into_inner()).is_none()
+    }
+
+    pub async fn status(&self) -> Result<Status, CoreError> {
+        Ok(Status {
+            initialized: true,
+            sealed: self.is_sealed(),
+            seal: self.seal.kind(),
+            backend: self.store.backend(),
+            version: env!("CARGO_PKG_VERSION"),
+        })
+    }
+
+    fn master(&self) -> Result<Arc<KeyMaterial>, CoreError> {
+        self.master.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or(CoreError::Sealed)
+    }
+
+    fn ensure_unsealed(&self) -> Result<(), CoreError> {
+        self.master().map(|_| ())
+    }
+
+    /// Unseals a passphrase-sealed vault. Attempts are serialised (each costs
+    /// one Argon2id derivation) and every one is audited.
+    pub async fn unseal(&self, passphrase: &str, meta: &RequestMeta) -> Result<bool, CoreError> {
+        let _one_at_a_time = self.unseal_lock.lock().await;
+        if !self.is_sealed() {
+            return Ok(false);
+        }
+        let cfg = self.seal.clone();
+        let pass = Zeroizing::new(passphrase.to_owned());
+        let result = tokio::task::spawn_blocking(move || cfg.unseal_with_passphrase(&pass))
+            .await
+            .map_err(|e| CoreError::invalid("unseal", e.to_string()))?;
+        let now = self.now();
+        match result {
+            Ok(master) => {
+                self.check_master(&master).await?;
+                self.audit_now(AuditDraft {
+                    actor: Actor::anonymous(),
+                    action: "sys.unseal".into(),
+                    ..draft_base(now, Outcome::Allowed, meta)
+                })
+                .await?;
+                *self.master.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(master));
+                Ok(true)
+            }
+            Err(e) => {
+                let err = seal_err(e);
+                self.audit_now(AuditDraft {
+                    actor: Actor::anonymous(),
+                    action: "sys.unseal".into(),
+                    reason: Some(err.code().into()),
+                    ..draft_base(now, Outcome::Denied, meta)
+                })
+                .await?;
+                Err(err)
+            }
+        }
+    }
+
+    /// Writes one event and waits for its commit; failure refuses the access.
+    async fn audit_now(&self, draft: AuditDraft) -> Result<i64, CoreError> {
+        self.audit.append(draft).await.map_err(CoreError::AuditUnavailable)
+    }
+
+    // ---- authentication -------------------------------------------------
+
+    /// Authenticates a human/admin token. Failures are audited.
+    pub async fn authenticate_user(&self, presented: &str, meta: &RequestMeta) -> Result<Principal, CoreError> {
+        self.ensure_unsealed()?;
+        let reason = match token::parse(presented) {
+            Err(_) => "invalid_token",
+            Ok(TokenKind::Agent) => "wrong_token_kind",
+            Ok(TokenKind::User) => {
+                let hash = token::hash_token(presented);
+                match self.store.user_token_by_hash(&hash).await? {
+                    Some(t) if token::hashes_equal(&t.hash, &hash) => {
+                        if t.expires_at.is_some_and(|e| e <= self.now()) {
+                            "token_expired"
+                        } else {
+                            return Ok(Principal { token_id: t.id, name: t.name, org_id: t.org_id, role: t.role });
+                        }
+                    }
+                    _ => "unknown_token",
+                }
+            }
+        };
+        self.audit_now(AuditDraft {
+            actor: Actor::anonymous(),
+            action: "auth.user".into(),
+            reason: Some(reason.into()),
+            ..draft_base(self.now(), Outcome::Denied, meta)
+        })
+        .await?;
+        Err(CoreError::Unauthenticated { reason })
+    }
+
+    async fn agent_for_token(&self, presented: &str) -> Result<Result<(Agent, AgentToken), &'static str>, CoreError> {
+        match token::parse(presented) {
+            Err(_) => return Ok(Err("invalid_token")),
+            Ok(TokenKind::User) => return Ok(Err("wrong_token_kind")),
+            Ok(TokenKind::Agent) => {}
+        }
+        let hash = token::hash_token(presented);
+        let found = match self.cache.agents.get(&hash) {
+            Ok(hit) => Some(hit),
+            Err(generation) => {
+                let row = self.store.agent_by_token_hash(&hash).await?;
+                if let Some(r) = &row {
+                    self.cache.agents.fill(generation, hash, r.clone());
+                }
+                row
+            }
+        };
+        let Some((agent, tok)) = found.filter(|(_, t)| token::hashes_equal(&t.hash, &hash)) else {
+            return Ok(Err("unknown_token"));
+        };
+        if tok.revoked {
+            return Ok(Err("token_revoked"));
+        }
+        if tok.expires_at.is_some_and(|e| e <= self.now()) {
+            return Ok(Err("token_expired"));
+        }
+        if agent.disabled {
+            return Ok(Err("agent_disabled"));
+        }
+        Ok(Ok((agent, tok)))
+    }
+
+    async fn cached_secret(
+        &self,
+        org_id: &str,
+        reference: &str,
+    ) -> Result<Option<(Secret, Option<SecretVersion>)>, CoreError> {
+        let key = (org_id.to_owned(), reference.to_owned());
+        match self.cache.secrets.get(&key) {
+            Ok(hit) => Ok(Some(hit)),
+            Err(generation) => {
+                let Some(secret) = self.store.find_secret(org_id, reference).await? else {
+                    return Ok(None);
+                };
+                let current = self.store.current_version(&secret.id).await?;
+                let entry = (secret, current);
+                self.cache.secrets.fill(generation, key, entry.clone());
+                Ok(Some(entry))
+            }
+        }
+    }
+
+    async fn cached_grant(&self, agent_id: &str, secret_id: &str) -> Result<Option<Grant>, CoreError> {
+        let key = (agent_id.to_owned(), secret_id.to_owned());
+        match self.cache.grants.get(&key) {
+            Ok(hit) => Ok(hit),
+            Err(generation) => {
+                let g = self.store.find_grant(agent_id, secret_id).await?;
+                self.cache.grants.fill(generation, key, g.clone());
+                Ok(g)
+            }
+        }
+    }
+
+    async fn data_key(&self, org_id: &str) -> Result<Arc<KeyMaterial>, CoreError> {
+        match self.cache.data_keys.get(&org_id.to_owned()) {
+            Ok(k) => Ok(k),
+            Err(generation) => {
+                let master = self.master()?;
+                let org = self.store.org_by_id(org_id).await?.ok_or_else(|| not_found("organization"))?;
+                let raw = master.open(&org.wrapped_key, &data_key_aad(org_id))?;
+                let key = Arc::new(
+                    KeyMaterial::from_slice(&raw).ok_or(crate::crypto::CryptoError::Malformed("data key length"))?,
+                );
+                self.cache.data_keys.fill(generation, org_id.to_owned(), key.clone());
+                Ok(key)
+            }
+        }
+    }
+
+    // ---- the choke point -------------------------------------------------
+
+    /// The only path to a plaintext value: authenticate the agent, check its
+    /// grant, commit the audit record, then decrypt. Every attempt, allowed or
+    /// denied, is audited; if the record cannot be written nothing is released.
+    ///
+    /// Not granted and not found look the same to the agent (`not_found`).
+    pub async fn use_secret(
+        &self,
+        presented_token: &str,
+        secret_ref: &str,
+        mode: UseMode,
+        meta: &RequestMeta,
+    ) -> Result<Released, CoreError> {
+        self.ensure_unsealed()?;
+        let now = self.now();
+        let action = match mode {
+            UseMode::Reveal => "secret.resolve",
+            UseMode::Proxy => "secret.proxy",
+        };
+        let mut draft = AuditDraft {
+            action: action.into(),
+            secret_name: Some(clean_free_text(secret_ref)),
+            ..draft_base(now, Outcome::Denied, meta)
+        };
+        let (agent, tok) = match self.agent_for_token(presented_token).await? {
+            Ok(found) => found,
+            Err(reason) => {
+                draft.actor = Actor::anonymous();
+                draft.reason = Some(reason.into());
+                self.audit_now(draft).await?;
+                return Err(CoreError::Unauthenticated { reason });
+            }
+        };
+        draft.org_id = Some(agent.org_id.clone());
+        draft.actor = Actor {
+            kind: "agent".into(),
+            id: Some(agent.id.clone()),
+            name: Some(agent.name.clone()),
+            token_id: Some(tok.id.clone()),
+        };
+        let decision = self.decide(&agent, secret_ref, mode, now).await?;
+        let (secret, version) = match decision {
+            Ok(found) => found,
+            Err((secret, err)) => {
+                if let Some(s) = secret {
+                    draft.secret_id = Some(s.id.clone());
+                    draft.secret_name = Some(s.name);
+                }
+                draft.reason = Some(err.0.into());
+                self.audit_now(draft).await?;
+                return Err(err.1);
+            }
+        };
+        draft.secret_id = Some(secret.id.clone());
+        draft.secret_name = Some(secret.name.clone());
+        draft.secret_version = Some(version.version);
+        draft.outcome = Outcome::Allowed;
+        let audit_seq = self.audit_now(draft).await?;
+        let value = self.decrypt_version(&secret, &version).await?;
+        Ok(Released { secret, version: version.version, audit_seq, value })
+    }
+
+    /// Policy for one use: `Ok` with what to release, or the audit reason and
+    /// the error the agent sees.
+    #[allow(clippy::type_complexity)]
+    async fn decide(
+        &self,
+        agent: &Agent,
+        secret_ref: &str,
+        mode: UseMode,
+        now: OffsetDateTime,
+    ) -> Result<Result<(Secret, SecretVersion), (Option<Secret>, (&'static str, CoreError))>, CoreError> {
+        let hidden = || not_found("secret");
+        let Some((secret, current)) = self.cached_secret(&agent.org_id, secret_ref).await? else {
+            return Ok(Err((None, ("no_such_secret", hidden()))));
+        };
+        let Some(grant) = self.cached_grant(&agent.id, &secret.id).await? else {
+            return Ok(Err((Some(secret), ("no_grant", hidden()))));
+        };
+        if grant.expires_at.is_some_and(|e| e <= now) {
+            return Ok(Err((
+                Some(secret),
+                ("grant_expired", forbidden("grant_expired", "the grant for this secret has expired")),
+            )));
+        }
+        let allowed = match mode {
+            UseMode::Reveal => grant.modes.reveal,
+            UseMode::Proxy => grant.modes.proxy,
+        };
+        if !allowed {
+            let code = match mode {
+                UseMode::Reveal => "reveal_not_granted",
+                UseMode::Proxy => "proxy_not_granted",
+            };
+            return Ok(Err((Some(secret), (code, forbidden(code, "the grant does not allow this mode of use")))));
+        }
+        if secret.expires_at.is_some_and(|e| e <= now) {
+            return Ok(Err((Some(secret), ("secret_expired", forbidden("secret_expired", "the secret has expired")))));
+        }
+        match current {
+            Some(v) if v.state == VersionState::Current => Ok(Ok((secret, v))),
+            _ => Ok(Err((
+                Some(secret),
+                ("no_current_version", forbidden("no_current_version", "the secret has no usable version (revoked)")),
+            ))),
+        }
+    }
+
+    /// Decrypts a version. Private: reachable only through [`Self::use_secret`].
+    async fn decrypt_version(&self, secret: &Secret, v: &SecretVersion) -> Result<SecretValue, CoreError> {
+        let dek = self.data_key(&secret.org_id).await?;
+        let plain = dek.open(&v.ciphertext, &value_aad(&secret.org_id, &secret.id, v.version))?;
+        Ok(SecretValue(plain))
+    }
+
+    async fn encrypt_version(
+        &self,
+        secret: &Secret,
+        version: i64,
+        value: &SecretValue,
+    ) -> Result<SecretVersion, CoreError> {
+        let dek = self.data_key(&secret.org_id).await?;
+        let ciphertext = dek.seal(value.expose_bytes(), &value_aad(&secret.org_id, &secret.id, version))?;
+        Ok(SecretVersion {
+            secret_id: secret.id.clone(),
+            version,
+            state: VersionState::Current,
+            ciphertext,
+            fingerprint: fingerprint_prefix(value.expose_bytes()),
+            created_at: self.now(),
+            revoked_at: None,
+        })
+    }
+
+    // ---- admin operations ------------------------------------------------
+
+    /// Finds the org a principal acts in. An org the principal may not see
+    /// is reported as not found.
+    async fn org_for(&self, p: &Principal, org: &str) -> Result<Org, CoreError> {
+        let rec = match self.store.org_by_name(org).await? {
+            Some(r) => Some(r),
+            None if org.starts_with("org_") => self.store.org_by_id(org).await?,
+            None => None,
+        };
+        match rec {
+            Some(r) if p.org_id.as_deref().is_none_or(|o| o == r.org.id) => Ok(r.org),
+            _ => Err(not_found("organization")),
+        }
+    }
+
+    /// Authorises an admin action and writes its audit record before it runs.
+    async fn authorize(&self, p: &Principal, org: &str, min: Role, draft: AuditDraft) -> Result<Org, CoreError> {
+        self.ensure_unsealed()?;
+        let org = self.org_for(p, org).await?;
+        let mut draft = AuditDraft { org_id: Some(org.id.clone()), actor: p.actor(), ..draft };
+        if p.role < min {
+            draft.outcome = Outcome::Denied;
+            draft.reason = Some("insufficient_role".into());
+            self.audit_now(draft).await?;
+            return Err(forbidden("insufficient_role", format!("this needs the {} role or higher", min.as_str())));
+        }
+        draft.outcome = Outcome::Allowed;
+        self.audit_now(draft).await?;
+        Ok(org)
+    }
+
+    fn admin_draft(&self, action: &str, secret: Option<&str>, meta: &RequestMeta) -> AuditDraft {
+        AuditDraft {
+            action: action.into(),
+            secret_name: secret.map(clean_free_text),
+            ..draft_base(self.now(), Outcome::Allowed, meta)
+        }
+    }
+
+    pub async fn create_org(&self, p: &Principal, name: &str, meta: &RequestMeta) -> Result<Org, CoreError> {
+        self.ensure_unsealed()?;
+        validate_name("organization name", name)?;
+        let mut draft = AuditDraft {
+            actor: p.actor(),
+            reason: Some(format!("org={name}")),
+            ..self.admin_draft("org.create", None, meta)
+        };
+        if p.org_id.is_some() || p.role != Role::Owner {
+            draft.outcome = Outcome::Denied;
+            self.audit_now(draft).await?;
+            return Err(forbidden("insufficient_role", "only the operator token can create organizations"));
+        }
+        let org = Org { id: new_id("org"), name: name.into(), created_at: self.now() };
+        draft.org_id = Some(org.id.clone());
+        self.audit_now(draft).await?;
+        let dek = KeyMaterial::generate()?;
+        let wrapped_key = self.master()?.seal(dek.expose(), &data_key_aad(&org.id))?;
+        self.store.create_org(&OrgRecord { org: org.clone(), wrapped_key }).await.map_err(dup("organization"))?;
+        Ok(org)
+    }
+
+    pub async fn list_orgs(&self, p: &Principal) -> Result<Vec<Org>, CoreError> {
+        self.ensure_unsealed()?;
+        let all = self.store.list_orgs().await?;
+        Ok(all.into_iter().filter(|o| p.org_id.as_deref().is_none_or(|id| id == o.id)).collect())
+    }
+
+    /// Mints a human token in an org (owners only). Shown once.
+    pub async fn create_user_token(
+        &self,
+        p: &Principal,
+        org: &str,
+        name: &str,
+        role: Role,
+        expires_at: Option<OffsetDateTime>,
+        meta: &RequestMeta,
+    ) -> Result<(String, Token), CoreError> {
+        validate_name("token name", name)?;
+        let draft = AuditDraft {
+            reason: Some(format!("name={name} role={}", role.as_str())),
+            ..self.admin_draft("token.create", None, meta)
+        };
+        let org = self.authorize(p, org, Role::Owner, draft).await?;
+        let token = Token::generate(TokenKind::User)?;
+        let t = UserToken {
+            id: new_id("utk"),
+            org_id: Some(org.id),
+            name: name.into(),
+            role,
+            hash: token.hash(),
+            created_at: self.now(),
+            expires_at,
+        };
+        self.store.create_user_token(&t).await?;
+        Ok((t.id, token))
+    }
+
+    pub async fn put_secret(
+        &self,
+        p: &Principal,
+        org: &str,
+        new: NewSecret,
+        value: SecretValue,
+        meta: &RequestMeta,
+    ) -> Result<SecretInfo, CoreError> {
+        validate_name("secret name", &new.name)?;
+        let provider = Provider::parse(new.provider.as_deref().unwrap_or("generic"))?;
+        let upstream = match new.upstream.as_deref() {
+            Some(u) => Some(validate_origin(u)?),
+            None => provider.default_upstream().map(str::to_owned),
+        };
+        let tags = validate_tags(new.tags)?;
+        let description = new.description.map(|d| validate_text("description", d)).transpose()?;
+        let now = self.now();
+        if new.expires_at.is_some_and(|e| e <= now) {
+            return Err(CoreError::invalid("expires", "is in the past"));
+        }
+        let draft = AuditDraft { secret_version: Some(1), ..self.admin_draft("secret.put", Some(&new.name), meta) };
+        let org = self.authorize(p, org, Role::Admin, draft).await?;
+        if self.store.find_secret(&org.id, &new.name).await?.is_some() {
+            return Err(CoreError::Conflict {
+                message: format!("secret `{}` already exists; use `secret rotate`", new.name),
+            });
+        }
+        let secret = Secret {
+            id: new_id("sec"),
+            org_id: org.id.clone(),
+            name: new.name,
+            provider: provider.as_str().into(),
+            upstream,
+            description,
+            tags,
+            expires_at: new.expires_at,
+            created_at: now,
+            updated_at: now,
+        };
+        let v1 = self.encrypt_version(&secret, 1, &value).await?;
+        self.store.create_secret(&secret, &v1).await.map_err(dup("secret"))?;
+        self.cache.invalidate_policy();
+        self.secret_info_of(secret).await
+    }
+
+    async fn find_secret_in(&self, org: &Org, reference: &str) -> Result<Secret, CoreError> {
+        self.store.find_secret(&org.id, reference).await?.ok_or_else(|| not_found("secret"))
+    }
+
+    async fn secret_info_of(&self, secret: Secret) -> Result<SecretInfo, CoreError> {
+        let versions = self.store.list_versions(&secret.id).await?;
+        let grants = self.store.list_grants(&secret.org_id, None, Some(&secret.id)).await?;
+        let last_used = self
+            .store
+            .query_audit(&AuditQuery {
+                org_id: Some(secret.org_id.clone()),
+                secret: Some(secret.id.clone()),
+                outcome: Some(Outcome::Allowed),
+                action: Some("secret.resolve".into()),
+                limit: 1,
+                ..AuditQuery::default()
+            })
+            .await?
+            .first()
+            .map(|r| r.event.time);
+        Ok(SecretInfo {
+            current_version: versions.iter().find(|v| v.state == VersionState::Current).map(|v| v.version),
+            versions: versions.iter().map(VersionInfo::from).collect(),
+            secret,
+            grants,
+            last_used,
+        })
+    }
+
+    pub async fn list_secrets(&self, p: &Principal, org: &str) -> Result<Vec<SecretInfo>, CoreError> {
+        self.ensure_unsealed()?;
+        let org = self.org_for(p, org).await?;
+        let mut out = Vec::new();
+        for s in self.store.list_secrets(&org.id).await? {
+            out.push(self.secret_info_of(s).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn show_secret(&self, p: &Principal, org: &str, reference: &str) -> Result<SecretInfo, CoreError> {
+        self.ensure_unsealed()?;
+        let org = self.org_for(p, org).await?;
+        let s = self.find_secret_in(&org, reference).await?;
+        self.secret_info_of(s).await
+    }
+
+    /// Adds a new current version; the previous one is revoked.
+    pub async fn rotate_secret(
+        &self,
+        p: &Principal,
+        org: &str,
+        reference: &str,
+        value: SecretValue,
+        meta: &RequestMeta,
+    ) -> Result<SecretInfo, CoreError> {
+        self.ensure_unsealed()?;
+        let org_rec = self.org_for(p, org).await?;
+        let secret = self.find_secret_in(&org_rec, reference).await?;
+        let next = self.store.list_versions(&secret.id).await?.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        let draft = AuditDraft {
+            secret_id: Some(secret.id.clone()),
+            secret_version: Some(next),
+            ..self.admin_draft("secret.rotate", Some(&secret.name), meta)
+        };
+        self.authorize(p, org, Role::Admin, draft).await?;
+        let v = self.encrypt_version(&secret, next, &value).await?;
+        self.store.rotate_secret(&v, self.now()).await.map_err(dup("version"))?;
+        self.cache.invalidate_policy();
+        self.secret_info_of(secret).await
+    }
+
+    pub async fn revoke_secret(
+        &self,
+        p: &Principal,
+        org: &str,
+        reference: &str,
+        version: Option<i64>,
+        meta: &RequestMeta,
+    ) -> Result<SecretInfo, CoreError> {
+        self.ensure_unsealed()?;
+        let org_rec = self.org_for(p, org).await?;
+        let secret = self.find_secret_in(&org_rec, reference).await?;
+        let draft = AuditDraft {
+            secret_id: Some(secret.id.clone()),
+            secret_version: version,
+            ..self.admin_draft("secret.revoke", Some(&secret.name), meta)
+        };
+        self.authorize(p, org, Role::Admin, draft).await?;
+        let changed = self.store.revoke_versions(&secret.id, version, self.now()).await?;
+        self.cache.invalidate_policy();
+        if changed == 0 && version.is_some() {
+            return Err(not_found("active version"));
+        }
+        self.secret_info_of(secret).await
+    }
+
+    pub async fn delete_secret(
+        &self,
+        p: &Principal,
+        org: &str,
+        reference: &str,
+        meta: &RequestMeta,
+    ) -> Result<(), CoreError> {
+        self.ensure_unsealed()?;
+        let org_rec = self.org_for(p, org).await?;
+        let secret = self.find_secret_in(&org_rec, reference).await?;
+        let draft = AuditDraft {
+            secret_id: Some(secret.id.clone()),
+            ..self.admin_draft("secret.delete", Some(&secret.name), meta)
+        };
+        self.authorize(p, org, Role::Admin, draft).await?;
+        self.store.delete_secret(&secret.id).await?;
+        self.cache.invalidate_policy();
+        Ok(())
+    }
+
+    pub async fn create_agent(
+        &self,
+        p: &Principal,
+        org: &str,
+        name: &str,
+        description: Option<String>,
+        token_ttl: Option<time::Duration>,
+        meta: &RequestMeta,
+    ) -> Result<(Agent, Token), CoreError> {
+        validate_name("agent name", name)?;
+        let description = description.map(|d| validate_text("description", d)).transpose()?;
+        let draft =
+            AuditDraft { reason: Some(format!("agent={name}")), ..self.admin_draft("agent.create", None, meta) };
+        let org = self.authorize(p, org, Role::Admin, draft).await?;
+        let now = self.now();
+        let agent = Agent {
+            id: new_id("agt"),
+            org_id: org.id,
+            name: name.into(),
+            description,
+            disabled: false,
+            created_at: now,
+        };
+        let token = Token::generate(TokenKind::Agent)?;
+        let t = AgentToken {
+            id: new_id("atk"),
+            agent_id: agent.id.clone(),
+            hash: token.hash(),
+            created_at: now,
+            expires_at: token_ttl.map(|d| now + d),
+            revoked: false,
+        };
+        self.store.create_agent(&agent, &t).await.map_err(dup("agent"))?;
+        Ok((agent, token))
+    }
+
+    pub async fn list_agents(&self, p: &Principal, org: &str) -> Result<Vec<Agent>, CoreError> {
+        self.ensure_unsealed()?;
+        let org = self.org_for(p, org).await?;
+        Ok(self.store.list_agents(&org.id).await?)
+    }
+
+    pub async fn show_agent(
+        &self,
+        p: &Principal,
+        org: &str,
+        reference: &str,
+    ) -> Result<(Agent, Vec<Grant>), CoreError> {
+        self.ensure_unsealed()?;
+        let org = self.org_for(p, org).await?;
+        let agent = self.store.find_agent(&org.id, reference).await?.ok_or_else(|| not_found("agent"))?;
+        let grants = self.store.list_grants(&org.id, Some(&agent.id), None).await?;
+        Ok((agent, grants))
+    }
+
+    pub async fn set_agent_disabled(
+        &self,
+        p: &Principal,
+        org: &str,
+        reference: &str,
+        disabled: bool,
+        meta: &RequestMeta,
+    ) -> Result<Agent, CoreError> {
+        self.ensure_unsealed()?;
+        let org_rec = self.org_for(p, org).await?;
+        let mut agent = self.store.find_agent(&org_rec.id, reference).await?.ok_or_else(|| not_found("agent"))?;
+        let action = if disabled { "agent.disable" } else { "agent.enable" };
+        let draft =
+            AuditDraft { reason: Some(format!("agent={}", agent.name)), ..self.admin_draft(action, None, meta) };
+        self.authorize(p, org, Role::Admin, draft).await?;
+        self.store.set_agent_disabled(&agent.id, disabled).await?;
+        self.cache.invalidate_policy();
+        agent.disabled = disabled;
+        Ok(agent)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_grant(
+        &self,
+        p: &Principal,
+        org: &str,
+        agent_ref: &str,
+        secret_ref: &str,
+        modes: Modes,
+        expires_at: Option<OffsetDateTime>,
+        meta: &RequestMeta,
+    ) -> Result<Grant, CoreError> {
+        self.ensure_unsealed()?;
+        let org_rec = self.org_for(p, org).await?;
+        let agent = self.store.find_agent(&org_rec.id, agent_ref).await?.ok_or_else(|| not_found("agent"))?;
+        let secret = self.find_secret_in(&org_rec, secret_ref).await?;
+        if expires_at.is_some_and(|e| e <= self.now()) {
+            return Err(CoreError::invalid("expires", "is in the past"));
+        }
+        let draft = AuditDraft {
+            secret_id: Some(secret.id.clone()),
+            reason: Some(format!("agent={} modes={}", agent.name, modes.names().join(","))),
+            ..self.admin_draft("grant.add", Some(&secret.name), meta)
+        };
+        self.authorize(p, org, Role::Admin, draft).await?;
+        let grant = Grant {
+            id: new_id("grt"),
+            org_id: org_rec.id,
+            agent_id: agent.id,
+            secret_id: secret.id,
+            modes,
+            expires_at,
+            created_at: self.now(),
+        };
+        self.store.put_grant(&grant).await?;
+        self.cache.invalidate_policy();
+        Ok(grant)
+    }
+
+    pub async fn list_grants(
+        &self,
+        p: &Principal,
+        org: &str,
+        agent_ref: Option<&str>,
+        secret_ref: Option<&str>,
+    ) -> Result<Vec<Grant>, CoreError> {
+        self.ensure_unsealed()?;
+        let org = self.org_for(p, org).await?;
+        let agent_id = match agent_ref {
+            Some(a) => Some(self.store.find_agent(&org.id, a).await?.ok_or_else(|| not_found("agent"))?.id),
+            None => None,
+        };
+        let secret_id = match secret_ref {
+            Some(s) => Some(self.find_secret_in(&org, s).await?.id),
+            None => None,
+        };
+        Ok(self.store.list_grants(&org.id, agent_id.as_deref(), secret_id.as_deref()).await?)
+    }
+
+    pub async fn remove_grant(
+        &self,
+        p: &Principal,
+        org: &str,
+        agent_ref: &str,
+        secret_ref: &str,
+        meta: &RequestMeta,
+    ) -> Result<(), CoreError> {
+        self.ensure_unsealed()?;
+        let org_rec = self.org_for(p, org).await?;
+        let agent = self.store.find_agent(&org_rec.id, agent_ref).await?.ok_or_else(|| not_found("agent"))?;
+        let secret = self.find_secret_in(&org_rec, secret_ref).await?;
+        let draft = AuditDraft {
+            secret_id: Some(secret.id.clone()),
+            reason: Some(format!("agent={}", agent.name)),
+            ..self.admin_draft("grant.remove", Some(&secret.name), meta)
+        };
+        self.authorize(p, org, Role::Admin, draft).await?;
+        let removed = self.store.delete_grant(&agent.id, &secret.id).await?;
+        self.cache.invalidate_policy();
+        if removed { Ok(()) } else { Err(not_found("grant")) }
+    }
+
+    pub async fn query_audit(
+        &self,
+        p: &Principal,
+        org: &str,
+        mut q: AuditQuery,
+    ) -> Result<Vec<AuditRecord>, CoreError> {
+        self.ensure_unsealed()?;
+        let org = self.org_for(p, org).await?;
+        q.org_id = Some(org.id);
+        q.limit = q.limit.clamp(1, 1000);
+        Ok(self.store.query_audit(&q).await?)
+    }
+
+    /// Walks the whole chain (every org: there is one chain per instance).
+    pub async fn verify_audit(&self, p: &Principal, org: &str) -> Result<VerifyReport, CoreError> {
+        self.ensure_unsealed()?;
+        self.org_for(p, org).await?;
+        let mut v = ChainVerifier::default();
+        let mut after = 0;
+        loop {
+            let page = self.store.audit_page(after, 2000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            if !page.iter().all(|r| v.feed(r)) {
+                break;
+            }
+        }
+        Ok(v.finish())
+    }
+}
+
+fn dup(what: &'static str) -> impl Fn(StoreError) -> CoreError {
+    move |e| match e {
+        StoreError::Duplicate { .. } => CoreError::Conflict { message: format!("{what} already exists") },
+        other => other.into(),
+    }
+}
+
+fn validate_text(field: &'static str, s: String) -> Result<String, CoreError> {
+    if s.len() > 1024 || s.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(CoreError::invalid(field, "at most 1024 bytes, no control characters"));
+    }
+    Ok(s)
+}
+
+fn validate_tags(tags: Vec<String>) -> Result<Vec<String>, CoreError> {
+    if tags.len() > 32 {
+        return Err(CoreError::invalid("tag", "at most 32 tags"));
+    }
+    for t in &tags {
+        if t.is_empty() || t.len() > 64 || !t.chars().all(|c| c.is_ascii_alphanumeric() || "._-:=/".contains(c)) {
+            return Err(CoreError::invalid(
+                "tag",
+                format!("`{}` must be 1-64 of [A-Za-z0-9._-:=/]", clean_free_text(t)),
+            ));
+        }
+    }
+    Ok(tags)
+}
+
+fn draft_base(time: OffsetDateTime, outcome: Outcome, meta: &RequestMeta) -> AuditDraft {
+    AuditDraft {
+        time,
+        org_id: None,
+        actor: Actor::anonymous(),
+        action: String::new(),
+        secret_id: None,
+        secret_name: None,
+        secret_version: None,
+        purpose: meta.purpose.as_deref().map(clean_free_text),
+        source_ip: meta.source_ip.clone(),
+        user_agent: meta.user_agent.as_deref().map(clean_free_text),
+        outcome,
+        reason: None,
+        request_id: meta.request_id.clone(),
+    }
+}

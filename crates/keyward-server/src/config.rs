@@ -1,0 +1,91 @@
+//! Server configuration: command-line flags over an optional TOML file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+pub const DEFAULT_DATA_DIR: &str = ".keyward";
+
+/// What `keyward serve` runs with. Fields left `None` take their defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    /// `sqlite://PATH`; default: `keyward.db` in the data dir.
+    pub database: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Extra trust roots for upstreams (used by the proxy).
+    pub upstream_ca: Option<PathBuf>,
+    /// `text` (default) or `json`.
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: String, message: String },
+    #[error("--tls-cert and --tls-key go together")]
+    TlsPair,
+}
+
+impl ServeConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })
+    }
+
+    /// `self` (from flags) wins over `file`.
+    pub fn over(self, file: ServeConfig) -> Self {
+        Self {
+            data_dir: self.data_dir.or(file.data_dir),
+            listen: self.listen.or(file.listen),
+            database: self.database.or(file.database),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            upstream_ca: self.upstream_ca.or(file.upstream_ca),
+            log_format: self.log_format.or(file.log_format),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        self.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"))
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir().join("keyward.db").display()))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::TlsPair);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_unknown_keys_fail() {
+        let file: ServeConfig = toml::from_str("listen = \"127.0.0.1:9000\"\ndata_dir = \"/srv/kw\"").unwrap();
+        let flags = ServeConfig { listen: Some("127.0.0.1:1".parse().unwrap()), ..Default::default() };
+        let merged = flags.over(file);
+        assert_eq!(merged.listen().port(), 1);
+        assert_eq!(merged.data_dir(), PathBuf::from("/srv/kw"));
+        assert!(toml::from_str::<ServeConfig>("lisen = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! HTTP errors: `{"error": {"code": "...", "message": "..."}}` with the
+//! right status. Internal details go to the log, not to the client.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use keyward_core::{CoreError, ErrorKind};
+
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    pub fn unauthenticated(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        let status = match e.kind() {
+            ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, code = e.code(), "request failed");
+        }
+        Self { status, code: e.code(), message: e.public_message() }
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(r: axum::extract::rejection::JsonRejection) -> Self {
+        use axum::extract::rejection::JsonRejection::*;
+        match r {
+            JsonDataError(e) => {
+                Self::bad_request("invalid_json", format!("request body does not match: {}", e.body_text()))
+            }
+            JsonSyntaxError(_) => Self::bad_request("invalid_json", "request body is not valid JSON"),
+            MissingJsonContentType(_) => Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_content_type",
+                "expected Content-Type: application/json",
+            ),
+            BytesRejection(_) => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "request body is too large")
+            }
+            other => Self::bad_request("invalid_json", other.body_text()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        resp.headers_mut().insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+        resp
+    }
+}

@@ -1,0 +1,451 @@
+//! HTTP handlers: thin adapters that parse a request, call one Vault method
+//! and shape its answer. No crypto and no policy here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use keyward_core::CoreError;
+use keyward_core::duration::{parse_duration, parse_instant};
+use keyward_core::model::{Modes, Role};
+use keyward_core::store::AuditQuery;
+use keyward_core::vault::{NewSecret, Principal, RequestMeta, SecretValue, UseMode, Vault};
+use serde::Deserialize;
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use crate::error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub vault: Arc<Vault>,
+}
+
+/// Set by the request-id middleware.
+#[derive(Clone)]
+pub struct RequestId(pub String);
+
+pub const PURPOSE_HEADER: &str = "x-keyward-purpose";
+
+/// Who is asking and why, for the audit record.
+pub struct Meta(pub RequestMeta);
+
+impl<S: Send + Sync> FromRequestParts<S> for Meta {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Ok(Meta(RequestMeta {
+            source_ip: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()),
+            user_agent: header("user-agent"),
+            request_id: parts.extensions.get::<RequestId>().map(|r| r.0.clone()),
+            purpose: header(PURPOSE_HEADER),
+        }))
+    }
+}
+
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// An authenticated human/admin caller.
+pub struct Admin(pub Principal, pub RequestMeta);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Meta(meta) = Meta::from_request_parts(parts, state).await?;
+        let token = bearer(&parts.headers)
+            .ok_or_else(|| ApiError::unauthenticated("missing_token", "send Authorization: Bearer kwu_…"))?;
+        let p = state.vault.authenticate_user(token, &meta).await?;
+        Ok(Admin(p, meta))
+    }
+}
+
+/// `Json<T>` whose rejections are keyward's JSON errors.
+pub struct ApiJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(v) = Json::<T>::from_request(req, state).await?;
+        Ok(ApiJson(v))
+    }
+}
+
+/// A value arriving in a request: zeroized when dropped, never echoed.
+pub struct WriteOnly(Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for WriteOnly {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| WriteOnly(Zeroizing::new(s)))
+    }
+}
+
+impl WriteOnly {
+    fn into_value(mut self) -> Result<SecretValue, CoreError> {
+        SecretValue::new(std::mem::take(&mut *self.0).into_bytes())
+    }
+}
+
+fn instant(field: &'static str, s: Option<&str>, vault: &Vault) -> Result<Option<time::OffsetDateTime>, CoreError> {
+    s.map(|s| parse_instant(s, vault.now()).map_err(|m| CoreError::invalid(field, m))).transpose()
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(v: impl serde::Serialize) -> ApiResult {
+    Ok(Json(v).into_response())
+}
+
+fn created(v: impl serde::Serialize) -> ApiResult {
+    let mut r = Json(v).into_response();
+    *r.status_mut() = StatusCode::CREATED;
+    // Responses that carry a one-time token must not be cached anywhere.
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
+}
+
+// ---- system ---------------------------------------------------------------
+
+pub async fn healthz() -> ApiResult {
+    ok(json!({"status": "ok"}))
+}
+
+pub async fn openapi() -> ApiResult {
+    ok(crate::openapi::document())
+}
+
+pub async fn status(State(s): State<AppState>) -> ApiResult {
+    ok(s.vault.status().await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnsealReq {
+    passphrase: WriteOnly,
+}
+
+pub async fn unseal(State(s): State<AppState>, Meta(meta): Meta, ApiJson(req): ApiJson<UnsealReq>) -> ApiResult {
+    let changed = s.vault.unseal(&req.passphrase.0, &meta).await?;
+    ok(json!({"sealed": false, "changed": changed}))
+}
+
+// ---- agent ----------------------------------------------------------------
+
+#[derive(serde::Serialize)]
+struct Resolved<'a> {
+    secret: &'a str,
+    id: &'a str,
+    version: i64,
+    value: &'a str,
+}
+
+/// `GET /v1/resolve/{secret}`: the value of a reveal-mode grant.
+pub async fn resolve(
+    State(s): State<AppState>,
+    Path(secret): Path<String>,
+    Meta(meta): Meta,
+    headers: HeaderMap,
+) -> ApiResult {
+    let token = bearer(&headers).unwrap_or("");
+    let released = s.vault.use_secret(token, &secret, UseMode::Reveal, &meta).await?;
+    let value = released
+        .value
+        .expose_str()
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "not_utf8", "the stored value is not UTF-8"))?;
+    // The body buffer is handed to hyper and freed after sending; it cannot
+    // be zeroized, which is why resolve exists only for reveal-mode grants.
+    let body = serde_json::to_vec(&Resolved {
+        secret: &released.secret.name,
+        id: &released.secret.id,
+        version: released.version,
+        value,
+    })
+    .expect("serializable");
+    Ok(([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body).into_response())
+}
+
+// ---- organizations and human tokens ------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrg {
+    name: String,
+}
+
+pub async fn list_orgs(State(s): State<AppState>, Admin(p, _): Admin) -> ApiResult {
+    ok(json!({"orgs": s.vault.list_orgs(&p).await?}))
+}
+
+pub async fn create_org(
+    State(s): State<AppState>,
+    Admin(p, meta): Admin,
+    ApiJson(req): ApiJson<CreateOrg>,
+) -> ApiResult {
+    created(s.vault.create_org(&p, &req.name, &meta).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    name: String,
+    role: String,
+    expires: Option<String>,
+}
+
+pub async fn create_token(
+    State(s): State<AppState>,
+    Path(org): Path<String>,
+    Admin(p, meta): Admin,
+    ApiJson(req): ApiJson<CreateToken>,
+) -> ApiResult {
+    let role = Role::parse(&req.role)?;
+    let expires = instant("expires", req.expires.as_deref(), &s.vault)?;
+    let (id, token) = s.vault.create_user_token(&p, &org, &req.name, role, expires, &meta).await?;
+    created(json!({"id": id, "name": req.name, "role": role, "token": token.expose()}))
+}
+
+// ---- secrets ---------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutSecret {
+    name: String,
+    value: WriteOnly,
+    provider: Option<String>,
+    upstream: Option<String>,
+    description: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    expires: Option<String>,
+}
+
+pub async fn list_secrets(State(s): State<AppState>, Path(org): Path<String>, Admin(p, _): Admin) -> ApiResult {
+    ok(json!({"secrets": s.vault.list_secrets(&p, &org).await?}))
+}
+
+pub async fn put_secret(
+    State(s): State<AppState>,
+    Path(org): Path<String>,
+    Admin(p, meta): Admin,
+    ApiJson(req): ApiJson<PutSecret>,
+) -> ApiResult {
+    let value = req.value.into_value()?;
+    let new = NewSecret {
+        name: req.name,
+        provider: req.provider,
+        upstream: req.upstream,
+        description: req.description,
+        tags: req.tags,
+        expires_at: instant("expires", req.expires.as_deref(), &s.vault)?,
+    };
+    created(s.vault.put_secret(&p, &org, new, value, &meta).await?)
+}
+
+pub async fn show_secret(
+    State(s): State<AppState>,
+    Path((org, secret)): Path<(String, String)>,
+    Admin(p, _): Admin,
+) -> ApiResult {
+    ok(s.vault.show_secret(&p, &org, &secret).await?)
+}
+
+pub async fn delete_secret(
+    State(s): State<AppState>,
+    Path((org, secret)): Path<(String, String)>,
+    Admin(p, meta): Admin,
+) -> ApiResult {
+    s.vault.delete_secret(&p, &org, &secret, &meta).await?;
+    ok(json!({"deleted": secret}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateReq {
+    value: WriteOnly,
+}
+
+pub async fn rotate_secret(
+    State(s): State<AppState>,
+    Path((org, secret)): Path<(String, String)>,
+    Admin(p, meta): Admin,
+    ApiJson(req): ApiJson<RotateReq>,
+) -> ApiResult {
+    let value = req.value.into_value()?;
+    ok(s.vault.rotate_secret(&p, &org, &secret, value, &meta).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeReq {
+    version: Option<i64>,
+}
+
+pub async fn revoke_secret(
+    State(s): State<AppState>,
+    Path((org, secret)): Path<(String, String)>,
+    Admin(p, meta): Admin,
+    ApiJson(req): ApiJson<RevokeReq>,
+) -> ApiResult {
+    ok(s.vault.revoke_secret(&p, &org, &secret, req.version, &meta).await?)
+}
+
+// ---- agents ----------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAgent {
+    name: String,
+    description: Option<String>,
+    ttl: Option<String>,
+}
+
+pub async fn list_agents(State(s): State<AppState>, Path(org): Path<String>, Admin(p, _): Admin) -> ApiResult {
+    ok(json!({"agents": s.vault.list_agents(&p, &org).await?}))
+}
+
+pub async fn create_agent(
+    State(s): State<AppState>,
+    Path(org): Path<String>,
+    Admin(p, meta): Admin,
+    ApiJson(req): ApiJson<CreateAgent>,
+) -> ApiResult {
+    let ttl = req.ttl.as_deref().map(parse_duration).transpose().map_err(|m| CoreError::invalid("ttl", m))?;
+    let (agent, token) = s.vault.create_agent(&p, &org, &req.name, req.description, ttl, &meta).await?;
+    created(json!({"agent": agent, "token": token.expose()}))
+}
+
+pub async fn show_agent(
+    State(s): State<AppState>,
+    Path((org, agent)): Path<(String, String)>,
+    Admin(p, _): Admin,
+) -> ApiResult {
+    let (agent, grants) = s.vault.show_agent(&p, &org, &agent).await?;
+    ok(json!({"agent": agent, "grants": grants}))
+}
+
+pub async fn disable_agent(
+    State(s): State<AppState>,
+    Path((org, agent)): Path<(String, String)>,
+    Admin(p, meta): Admin,
+) -> ApiResult {
+    ok(s.vault.set_agent_disabled(&p, &org, &agent, true, &meta).await?)
+}
+
+pub async fn enable_agent(
+    State(s): State<AppState>,
+    Path((org, agent)): Path<(String, String)>,
+    Admin(p, meta): Admin,
+) -> ApiResult {
+    ok(s.vault.set_agent_disabled(&p, &org, &agent, false, &meta).await?)
+}
+
+// ---- grants ----------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddGrant {
+    agent: String,
+    secret: String,
+    modes: Vec<String>,
+    expires: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantFilter {
+    agent: Option<String>,
+    secret: Option<String>,
+}
+
+pub async fn list_grants(
+    State(s): State<AppState>,
+    Path(org): Path<String>,
+    Admin(p, _): Admin,
+    Query(f): Query<GrantFilter>,
+) -> ApiResult {
+    ok(json!({"grants": s.vault.list_grants(&p, &org, f.agent.as_deref(), f.secret.as_deref()).await?}))
+}
+
+pub async fn add_grant(
+    State(s): State<AppState>,
+    Path(org): Path<String>,
+    Admin(p, meta): Admin,
+    ApiJson(req): ApiJson<AddGrant>,
+) -> ApiResult {
+    let modes = Modes::parse_list(&req.modes)?;
+    let expires = instant("expires", req.expires.as_deref(), &s.vault)?;
+    created(s.vault.add_grant(&p, &org, &req.agent, &req.secret, modes, expires, &meta).await?)
+}
+
+pub async fn remove_grant(
+    State(s): State<AppState>,
+    Path((org, agent, secret)): Path<(String, String, String)>,
+    Admin(p, meta): Admin,
+) -> ApiResult {
+    s.vault.remove_grant(&p, &org, &agent, &secret, &meta).await?;
+    ok(json!({"removed": {"agent": agent, "secret": secret}}))
+}
+
+// ---- audit -----------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditParams {
+    secret: Option<String>,
+    agent: Option<String>,
+    action: Option<String>,
+    outcome: Option<String>,
+    /// RFC 3339 time, date, or a duration back from now (`1h`).
+    since: Option<String>,
+    before: Option<i64>,
+    limit: Option<u32>,
+}
+
+pub async fn query_audit(
+    State(s): State<AppState>,
+    Path(org): Path<String>,
+    Admin(p, _): Admin,
+    Query(q): Query<AuditParams>,
+) -> ApiResult {
+    let now = s.vault.now();
+    let since = match q.since.as_deref() {
+        None => None,
+        Some(x) => Some(match parse_duration(x) {
+            Ok(d) => now - d,
+            Err(_) => parse_instant(x, now).map_err(|m| CoreError::invalid("since", m))?,
+        }),
+    };
+    let outcome = q
+        .outcome
+        .as_deref()
+        .map(|o| {
+            keyward_core::audit::Outcome::parse(o)
+                .ok_or_else(|| CoreError::invalid("outcome", "allowed, denied or error"))
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(100);
+    let query = AuditQuery {
+        secret: q.secret,
+        agent: q.agent,
+        action: q.action,
+        outcome,
+        since,
+        before_seq: q.before,
+        limit,
+        ..AuditQuery::default()
+    };
+    let events = s.vault.query_audit(&p, &org, query).await?;
+    let next_before = if events.len() as u32 >= limit.clamp(1, 1000) { events.last().map(|e| e.seq) } else { None };
+    ok(json!({"events": events, "next_before": next_before}))
+}
+
+pub async fn verify_audit(State(s): State<AppState>, Path(org): Path<String>, Admin(p, _): Admin) -> ApiResult {
+    ok(s.vault.verify_audit(&p, &org).await?)
+}

@@ -1,0 +1,16 @@
+//! keyward-server: the HTTPS server (admin API, agent resolve endpoint) and
+//! the data-directory set-up it needs (key file, TLS, database). It holds no
+//! crypto of its own: every operation is a call into `keyward_core::Vault`.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod datadir;
+mod error;
+mod handlers;
+pub mod openapi;
+pub mod serve;
+pub mod tls;
+
+pub use config::ServeConfig;
+pub use datadir::{DataDir, InitReport, SealChoice};

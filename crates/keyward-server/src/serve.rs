@@ -1,0 +1,51 @@
+//! Runs the server over TLS with graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum_server::tls_rustls::RustlsConfig;
+use keyward_core::Vault;
+
+use crate::app;
+use crate::handlers::AppState;
+
+/// Binds, then calls `on_listening` with the bound address (port 0 picks a
+/// free one), then serves until SIGINT/SIGTERM.
+pub async fn run(
+    vault: Arc<Vault>,
+    listen: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    on_listening: impl FnOnce(SocketAddr),
+) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(listen)?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let handle = axum_server::Handle::new();
+    let shutdown = handle.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests (10 s at most)");
+        shutdown.graceful_shutdown(Some(Duration::from_secs(10)));
+    });
+    let mut server = axum_server::from_tcp_rustls(listener, RustlsConfig::from_config(tls))?.handle(handle);
+    server
+        .http_builder()
+        .http1()
+        .max_buf_size(64 * 1024)
+        .header_read_timeout(Duration::from_secs(10))
+        .timer(hyper_util::rt::TokioTimer::new());
+    server.http_builder().http2().max_header_list_size(64 * 1024).max_concurrent_streams(256);
+    on_listening(addr);
+    let app = app::router(AppState { vault });
+    server.serve(app.into_make_service_with_connect_info::<SocketAddr>()).await
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}

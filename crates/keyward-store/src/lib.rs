@@ -1,0 +1,47 @@
+//! Store implementations for keyward. Each implements
+//! [`keyward_core::store::Store`]; they know no policy and never see a
+//! plaintext value (only ciphertext and token hashes).
+#![forbid(unsafe_code)]
+
+mod migrate;
+mod sqlite;
+
+use std::sync::Arc;
+
+use keyward_core::store::{Store, StoreError};
+
+pub use sqlite::SqliteStore;
+
+/// Opens the store named by a database URL (`sqlite://PATH`), creating and
+/// migrating it if needed.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        return Ok(Arc::new(SqliteStore::open(std::path::Path::new(path)).await?));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(StoreError::Other("the PostgreSQL store is not available in this build yet".into()));
+    }
+    Err(StoreError::Other(format!(
+        "unsupported database URL scheme in `{}`; use sqlite://PATH",
+        url.split("://").next().unwrap_or("")
+    )))
+}
+
+pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Duplicate { what: "record" },
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::Database(db) => {
+            // SQLite: busy/locked/read-only/full/IO errors mean "cannot write now".
+            let unavailable = db.code().is_some_and(|c| {
+                let c: &str = &c;
+                matches!(c, "5" | "6" | "8" | "10" | "13" | "14" | "261" | "517" | "1032")
+                    || c.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 8 | 10 | 13 | 14))
+            });
+            if unavailable { StoreError::Unavailable(e.to_string()) } else { StoreError::Other(e.to_string()) }
+        }
+        _ => StoreError::Other(e.to_string()),
+    }
+}

@@ -1,0 +1,640 @@
+//! The embedded default store: SQLite in WAL mode.
+//!
+//! Two pools: readers (several connections, WAL lets them run beside a
+//! writer) and one writer connection, so write transactions queue in-process
+//! instead of failing with SQLITE_BUSY. `synchronous=FULL`: a commit that
+//! returned survives a power loss, not only a process crash; group commit in
+//! the audit writer keeps that affordable.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use time::OffsetDateTime;
+
+use keyward_core::audit::{
+    Actor, AuditDraft, AuditRecord, GENESIS_HASH, Outcome, chain_batch, from_micros, time_micros,
+};
+use keyward_core::model::*;
+use keyward_core::store::{AuditQuery, Store, StoreError, StoreResult};
+
+use crate::map_err;
+use crate::migrate::{self, Migration};
+
+const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "init", sql: include_str!("../migrations/sqlite/0001_init.sql") }];
+
+pub struct SqliteStore {
+    read: SqlitePool,
+    write: SqlitePool,
+}
+
+fn micros(t: OffsetDateTime) -> i64 {
+    time_micros(t)
+}
+
+fn opt_micros(t: Option<OffsetDateTime>) -> Option<i64> {
+    t.map(time_micros)
+}
+
+fn hash32(v: Vec<u8>) -> StoreResult<[u8; 32]> {
+    v.try_into().map_err(|_| StoreError::Corrupt("hash is not 32 bytes".into()))
+}
+
+fn corrupt(e: sqlx::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        let opts = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(map_err)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts.clone())
+            .await
+            .map_err(map_err)?;
+        restrict_permissions(path);
+        migrate::run(&write, MIGRATIONS).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts.read_only(true))
+            .await
+            .map_err(map_err)?;
+        Ok(Self { read, write })
+    }
+}
+
+/// The database holds ciphertext and hashes only, but it is still nobody
+/// else's business: 0600 like the key file.
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let p = format!("{}{}", path.display(), suffix);
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
+fn org_from(r: &SqliteRow) -> StoreResult<OrgRecord> {
+    Ok(OrgRecord {
+        org: Org {
+            id: r.try_get("id").map_err(corrupt)?,
+            name: r.try_get("name").map_err(corrupt)?,
+            created_at: from_micros(r.try_get("created_at").map_err(corrupt)?),
+        },
+        wrapped_key: r.try_get("wrapped_key").map_err(corrupt)?,
+    })
+}
+
+fn secret_from(r: &SqliteRow) -> StoreResult<Secret> {
+    let tags: String = r.try_get("tags").map_err(corrupt)?;
+    Ok(Secret {
+        id: r.try_get("id").map_err(corrupt)?,
+        org_id: r.try_get("org_id").map_err(corrupt)?,
+        name: r.try_get("name").map_err(corrupt)?,
+        provider: r.try_get("provider").map_err(corrupt)?,
+        upstream: r.try_get("upstream").map_err(corrupt)?,
+        description: r.try_get("description").map_err(corrupt)?,
+        tags: serde_json::from_str(&tags).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        expires_at: r.try_get::<Option<i64>, _>("expires_at").map_err(corrupt)?.map(from_micros),
+        created_at: from_micros(r.try_get("created_at").map_err(corrupt)?),
+        updated_at: from_micros(r.try_get("updated_at").map_err(corrupt)?),
+    })
+}
+
+fn version_from(r: &SqliteRow) -> StoreResult<SecretVersion> {
+    let state: String = r.try_get("state").map_err(corrupt)?;
+    Ok(SecretVersion {
+        secret_id: r.try_get("secret_id").map_err(corrupt)?,
+        version: r.try_get("version").map_err(corrupt)?,
+        state: VersionState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("version state `{state}`")))?,
+        ciphertext: r.try_get("ciphertext").map_err(corrupt)?,
+        fingerprint: r.try_get("fingerprint").map_err(corrupt)?,
+        created_at: from_micros(r.try_get("created_at").map_err(corrupt)?),
+        revoked_at: r.try_get::<Option<i64>, _>("revoked_at").map_err(corrupt)?.map(from_micros),
+    })
+}
+
+fn agent_from(r: &SqliteRow) -> StoreResult<Agent> {
+    Ok(Agent {
+        id: r.try_get("id").map_err(corrupt)?,
+        org_id: r.try_get("org_id").map_err(corrupt)?,
+        name: r.try_get("name").map_err(corrupt)?,
+        description: r.try_get("description").map_err(corrupt)?,
+        disabled: r.try_get("disabled").map_err(corrupt)?,
+        created_at: from_micros(r.try_get("created_at").map_err(corrupt)?),
+    })
+}
+
+fn grant_from(r: &SqliteRow) -> StoreResult<Grant> {
+    Ok(Grant {
+        id: r.try_get("id").map_err(corrupt)?,
+        org_id: r.try_get("org_id").map_err(corrupt)?,
+        agent_id: r.try_get("agent_id").map_err(corrupt)?,
+        secret_id: r.try_get("secret_id").map_err(corrupt)?,
+        modes: Modes {
+            proxy: r.try_get("mode_proxy").map_err(corrupt)?,
+            reveal: r.try_get("mode_reveal").map_err(corrupt)?,
+        },
+        expires_at: r.try_get::<Option<i64>, _>("expires_at").map_err(corrupt)?.map(from_micros),
+        created_at: from_micros(r.try_get("created_at").map_err(corrupt)?),
+    })
+}
+
+fn audit_from(r: &SqliteRow) -> StoreResult<AuditRecord> {
+    let outcome: String = r.try_get("outcome").map_err(corrupt)?;
+    Ok(AuditRecord {
+        seq: r.try_get("seq").map_err(corrupt)?,
+        event: AuditDraft {
+            time: from_micros(r.try_get("time").map_err(corrupt)?),
+            org_id: r.try_get("org_id").map_err(corrupt)?,
+            actor: Actor {
+                kind: r.try_get("actor_kind").map_err(corrupt)?,
+                id: r.try_get("actor_id").map_err(corrupt)?,
+                name: r.try_get("actor_name").map_err(corrupt)?,
+                token_id: r.try_get("token_id").map_err(corrupt)?,
+            },
+            action: r.try_get("action").map_err(corrupt)?,
+            secret_id: r.try_get("secret_id").map_err(corrupt)?,
+            secret_name: r.try_get("secret_name").map_err(corrupt)?,
+            secret_version: r.try_get("secret_version").map_err(corrupt)?,
+            purpose: r.try_get("purpose").map_err(corrupt)?,
+            source_ip: r.try_get("source_ip").map_err(corrupt)?,
+            user_agent: r.try_get("user_agent").map_err(corrupt)?,
+            // An unknown outcome is kept as "error" so that the hash check,
+            // not the decoder, reports the tampered row.
+            outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Error),
+            reason: r.try_get("reason").map_err(corrupt)?,
+            request_id: r.try_get("request_id").map_err(corrupt)?,
+        },
+        prev_hash: hash32(r.try_get("prev_hash").map_err(corrupt)?)?,
+        hash: hash32(r.try_get("hash").map_err(corrupt)?)?,
+    })
+}
+
+const AUDIT_COLUMNS: &str = "seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, secret_id, \
+     secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, request_id, prev_hash, hash";
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn get_meta(&self, key: &str) -> StoreResult<Option<String>> {
+        let row = sqlx::query("SELECT value FROM meta WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(map_err)?;
+        row.map(|r| r.try_get("value").map_err(corrupt)).transpose()
+    }
+
+    async fn insert_meta(&self, key: &str, value: &str) -> StoreResult<()> {
+        sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?)")
+            .bind(key)
+            .bind(value)
+            .execute(&self.write)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn create_org(&self, org: &OrgRecord) -> StoreResult<()> {
+        sqlx::query("INSERT INTO orgs (id, name, wrapped_key, created_at) VALUES (?, ?, ?, ?)")
+            .bind(&org.org.id)
+            .bind(&org.org.name)
+            .bind(&org.wrapped_key)
+            .bind(micros(org.org.created_at))
+            .execute(&self.write)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRecord>> {
+        let row = sqlx::query("SELECT * FROM orgs WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(org_from).transpose()
+    }
+
+    async fn org_by_id(&self, id: &str) -> StoreResult<Option<OrgRecord>> {
+        let row = sqlx::query("SELECT * FROM orgs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(org_from).transpose()
+    }
+
+    async fn list_orgs(&self) -> StoreResult<Vec<Org>> {
+        let rows = sqlx::query("SELECT * FROM orgs ORDER BY name").fetch_all(&self.read).await.map_err(map_err)?;
+        rows.iter().map(|r| org_from(r).map(|o| o.org)).collect()
+    }
+
+    async fn create_secret(&self, s: &Secret, v: &SecretVersion) -> StoreResult<()> {
+        let mut tx = self.write.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO secrets (id, org_id, name, provider, upstream, description, tags, expires_at, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&s.id)
+        .bind(&s.org_id)
+        .bind(&s.name)
+        .bind(&s.provider)
+        .bind(&s.upstream)
+        .bind(&s.description)
+        .bind(serde_json::to_string(&s.tags).expect("tags serialize"))
+        .bind(opt_micros(s.expires_at))
+        .bind(micros(s.created_at))
+        .bind(micros(s.updated_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_version(&mut tx, v).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn find_secret(&self, org_id: &str, name_or_id: &str) -> StoreResult<Option<Secret>> {
+        let row = sqlx::query("SELECT * FROM secrets WHERE org_id = ? AND (name = ? OR id = ?)")
+            .bind(org_id)
+            .bind(name_or_id)
+            .bind(name_or_id)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(secret_from).transpose()
+    }
+
+    async fn list_secrets(&self, org_id: &str) -> StoreResult<Vec<Secret>> {
+        let rows = sqlx::query("SELECT * FROM secrets WHERE org_id = ? ORDER BY name")
+            .bind(org_id)
+            .fetch_all(&self.read)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(secret_from).collect()
+    }
+
+    async fn current_version(&self, secret_id: &str) -> StoreResult<Option<SecretVersion>> {
+        let row = sqlx::query(
+            "SELECT * FROM secret_versions WHERE secret_id = ? AND state = 'current' ORDER BY version DESC LIMIT 1",
+        )
+        .bind(secret_id)
+        .fetch_optional(&self.read)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(version_from).transpose()
+    }
+
+    async fn list_versions(&self, secret_id: &str) -> StoreResult<Vec<SecretVersion>> {
+        let rows = sqlx::query("SELECT * FROM secret_versions WHERE secret_id = ? ORDER BY version")
+            .bind(secret_id)
+            .fetch_all(&self.read)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(version_from).collect()
+    }
+
+    async fn rotate_secret(&self, next: &SecretVersion, at: OffsetDateTime) -> StoreResult<()> {
+        let mut tx = self.write.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "UPDATE secret_versions SET state = 'revoked', revoked_at = ? WHERE secret_id = ? AND state <> 'revoked'",
+        )
+        .bind(micros(at))
+        .bind(&next.secret_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_version(&mut tx, next).await?;
+        sqlx::query("UPDATE secrets SET updated_at = ? WHERE id = ?")
+            .bind(micros(at))
+            .bind(&next.secret_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn revoke_versions(&self, secret_id: &str, version: Option<i64>, at: OffsetDateTime) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE secret_versions SET state = 'revoked', revoked_at = ? \
+             WHERE secret_id = ? AND state <> 'revoked' AND (? IS NULL OR version = ?)",
+        )
+        .bind(micros(at))
+        .bind(secret_id)
+        .bind(version)
+        .bind(version)
+        .execute(&self.write)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_secret(&self, secret_id: &str) -> StoreResult<bool> {
+        let mut tx = self.write.begin().await.map_err(map_err)?;
+        for sql in ["DELETE FROM grants WHERE secret_id = ?", "DELETE FROM secret_versions WHERE secret_id = ?"] {
+            sqlx::query(sql).bind(secret_id).execute(&mut *tx).await.map_err(map_err)?;
+        }
+        let done =
+            sqlx::query("DELETE FROM secrets WHERE id = ?").bind(secret_id).execute(&mut *tx).await.map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_agent(&self, a: &Agent, t: &AgentToken) -> StoreResult<()> {
+        let mut tx = self.write.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO agents (id, org_id, name, description, disabled, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&a.id)
+        .bind(&a.org_id)
+        .bind(&a.name)
+        .bind(&a.description)
+        .bind(a.disabled)
+        .bind(micros(a.created_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO agent_tokens (id, agent_id, hash, created_at, expires_at, revoked) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.id)
+        .bind(&t.agent_id)
+        .bind(&t.hash[..])
+        .bind(micros(t.created_at))
+        .bind(opt_micros(t.expires_at))
+        .bind(t.revoked)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn find_agent(&self, org_id: &str, name_or_id: &str) -> StoreResult<Option<Agent>> {
+        let row = sqlx::query("SELECT * FROM agents WHERE org_id = ? AND (name = ? OR id = ?)")
+            .bind(org_id)
+            .bind(name_or_id)
+            .bind(name_or_id)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(agent_from).transpose()
+    }
+
+    async fn list_agents(&self, org_id: &str) -> StoreResult<Vec<Agent>> {
+        let rows = sqlx::query("SELECT * FROM agents WHERE org_id = ? ORDER BY name")
+            .bind(org_id)
+            .fetch_all(&self.read)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(agent_from).collect()
+    }
+
+    async fn set_agent_disabled(&self, agent_id: &str, disabled: bool) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE agents SET disabled = ? WHERE id = ?")
+            .bind(disabled)
+            .bind(agent_id)
+            .execute(&self.write)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn agent_by_token_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<(Agent, AgentToken)>> {
+        let row = sqlx::query(
+            "SELECT a.*, t.id AS t_id, t.hash AS t_hash, t.created_at AS t_created_at, \
+                    t.expires_at AS t_expires_at, t.revoked AS t_revoked \
+             FROM agent_tokens t JOIN agents a ON a.id = t.agent_id WHERE t.hash = ?",
+        )
+        .bind(&hash[..])
+        .fetch_optional(&self.read)
+        .await
+        .map_err(map_err)?;
+        let Some(r) = row else { return Ok(None) };
+        let agent = agent_from(&r)?;
+        let token = AgentToken {
+            id: r.try_get("t_id").map_err(corrupt)?,
+            agent_id: agent.id.clone(),
+            hash: hash32(r.try_get("t_hash").map_err(corrupt)?)?,
+            created_at: from_micros(r.try_get("t_created_at").map_err(corrupt)?),
+            expires_at: r.try_get::<Option<i64>, _>("t_expires_at").map_err(corrupt)?.map(from_micros),
+            revoked: r.try_get("t_revoked").map_err(corrupt)?,
+        };
+        Ok(Some((agent, token)))
+    }
+
+    async fn put_grant(&self, g: &Grant) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO grants (id, org_id, agent_id, secret_id, mode_proxy, mode_reveal, expires_at, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (agent_id, secret_id) DO UPDATE SET \
+               mode_proxy = excluded.mode_proxy, mode_reveal = excluded.mode_reveal, \
+               expires_at = excluded.expires_at, created_at = excluded.created_at",
+        )
+        .bind(&g.id)
+        .bind(&g.org_id)
+        .bind(&g.agent_id)
+        .bind(&g.secret_id)
+        .bind(g.modes.proxy)
+        .bind(g.modes.reveal)
+        .bind(opt_micros(g.expires_at))
+        .bind(micros(g.created_at))
+        .execute(&self.write)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn find_grant(&self, agent_id: &str, secret_id: &str) -> StoreResult<Option<Grant>> {
+        let row = sqlx::query("SELECT * FROM grants WHERE agent_id = ? AND secret_id = ?")
+            .bind(agent_id)
+            .bind(secret_id)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(grant_from).transpose()
+    }
+
+    async fn list_grants(
+        &self,
+        org_id: &str,
+        agent_id: Option<&str>,
+        secret_id: Option<&str>,
+    ) -> StoreResult<Vec<Grant>> {
+        let rows = sqlx::query(
+            "SELECT * FROM grants WHERE org_id = ? AND (? IS NULL OR agent_id = ?) AND (? IS NULL OR secret_id = ?) \
+             ORDER BY created_at",
+        )
+        .bind(org_id)
+        .bind(agent_id)
+        .bind(agent_id)
+        .bind(secret_id)
+        .bind(secret_id)
+        .fetch_all(&self.read)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(grant_from).collect()
+    }
+
+    async fn delete_grant(&self, agent_id: &str, secret_id: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM grants WHERE agent_id = ? AND secret_id = ?")
+            .bind(agent_id)
+            .bind(secret_id)
+            .execute(&self.write)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_user_token(&self, t: &UserToken) -> StoreResult<()> {
+        sqlx::query("INSERT INTO user_tokens (id, org_id, name, role, hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(&t.id)
+            .bind(&t.org_id)
+            .bind(&t.name)
+            .bind(t.role.as_str())
+            .bind(&t.hash[..])
+            .bind(micros(t.created_at))
+            .bind(opt_micros(t.expires_at))
+            .execute(&self.write)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn user_token_by_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<UserToken>> {
+        let row = sqlx::query("SELECT * FROM user_tokens WHERE hash = ?")
+            .bind(&hash[..])
+            .fetch_optional(&self.read)
+            .await
+            .map_err(map_err)?;
+        let Some(r) = row else { return Ok(None) };
+        let role: String = r.try_get("role").map_err(corrupt)?;
+        Ok(Some(UserToken {
+            id: r.try_get("id").map_err(corrupt)?,
+            org_id: r.try_get("org_id").map_err(corrupt)?,
+            name: r.try_get("name").map_err(corrupt)?,
+            role: Role::parse(&role).map_err(|_| StoreError::Corrupt(format!("role `{role}`")))?,
+            hash: hash32(r.try_get("hash").map_err(corrupt)?)?,
+            created_at: from_micros(r.try_get("created_at").map_err(corrupt)?),
+            expires_at: r.try_get::<Option<i64>, _>("expires_at").map_err(corrupt)?.map(from_micros),
+        }))
+    }
+
+    async fn append_audit(&self, batch: &[AuditDraft]) -> StoreResult<Vec<AuditRecord>> {
+        // The single writer connection holds the tail for the whole transaction.
+        let mut tx = self.write.begin().await.map_err(map_err)?;
+        let tail = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let (last_seq, last_hash) = match tail {
+            Some(r) => (r.try_get("seq").map_err(corrupt)?, hash32(r.try_get("hash").map_err(corrupt)?)?),
+            None => (0, GENESIS_HASH),
+        };
+        let records = chain_batch(last_seq, last_hash, batch);
+        for r in &records {
+            let e = &r.event;
+            sqlx::query(
+                "INSERT INTO audit_events (seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, \
+                 secret_id, secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, request_id, \
+                 prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(r.seq)
+            .bind(micros(e.time))
+            .bind(&e.org_id)
+            .bind(&e.actor.kind)
+            .bind(&e.actor.id)
+            .bind(&e.actor.name)
+            .bind(&e.actor.token_id)
+            .bind(&e.action)
+            .bind(&e.secret_id)
+            .bind(&e.secret_name)
+            .bind(e.secret_version)
+            .bind(&e.purpose)
+            .bind(&e.source_ip)
+            .bind(&e.user_agent)
+            .bind(e.outcome.as_str())
+            .bind(&e.reason)
+            .bind(&e.request_id)
+            .bind(&r.prev_hash[..])
+            .bind(&r.hash[..])
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(records)
+    }
+
+    async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        let sql = format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE \
+             (?1 IS NULL OR org_id = ?1) \
+             AND (?2 IS NULL OR secret_id = ?2 OR secret_name = ?2) \
+             AND (?3 IS NULL OR (actor_kind = 'agent' AND (actor_id = ?3 OR actor_name = ?3))) \
+             AND (?4 IS NULL OR action = ?4) \
+             AND (?5 IS NULL OR outcome = ?5) \
+             AND (?6 IS NULL OR time >= ?6) \
+             AND (?7 IS NULL OR seq < ?7) \
+             ORDER BY seq DESC LIMIT ?8"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&q.org_id)
+            .bind(&q.secret)
+            .bind(&q.agent)
+            .bind(&q.action)
+            .bind(q.outcome.map(Outcome::as_str))
+            .bind(opt_micros(q.since))
+            .bind(q.before_seq)
+            .bind(i64::from(q.limit.max(1)))
+            .fetch_all(&self.read)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(audit_from).collect()
+    }
+
+    async fn audit_page(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<AuditRecord>> {
+        let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(after_seq)
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(audit_from).collect()
+    }
+}
+
+async fn insert_version(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, v: &SecretVersion) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO secret_versions (secret_id, version, state, ciphertext, fingerprint, created_at, revoked_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&v.secret_id)
+    .bind(v.version)
+    .bind(v.state.as_str())
+    .bind(&v.ciphertext)
+    .bind(&v.fingerprint)
+    .bind(micros(v.created_at))
+    .bind(opt_micros(v.revoked_at))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
