@@ -78,7 +78,7 @@ impl Client {
         }
         let code = v["error"]["code"].as_str().unwrap_or("http_error").to_owned();
         let message = v["error"]["message"].as_str().map(str::to_owned).unwrap_or_else(|| format!("HTTP {status}"));
-        if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
+        if code == "missing_token" && self.token.is_none() {
             return Err(CliError::Usage("no token: set KEYWARD_TOKEN to your kwu_… token".into()));
         }
         Err(CliError::Api { status: status.as_u16(), code, message })

@@ -1,0 +1,582 @@
+//! End-to-end tests of the core broker over a real TLS socket, with the real
+//! CLI binary and a real HTTP client. Each test starts its own server.
+
+mod support;
+
+use support::*;
+
+const VALUE: &str = "sk-proj-TESTVALUE-9f8e7d6c5b4a39281706";
+
+#[tokio::test]
+async fn walkthrough_put_agent_grant_resolve_audit() {
+    let s = Server::start();
+    s.put_secret(None, "openai-prod", VALUE, &["--provider", "openai"]);
+    let token = s.agent(None, "support-bot");
+    assert!(token.starts_with("kwa_"));
+    s.grant(None, "support-bot", "openai-prod", "reveal", &[]);
+
+    let (status, body) = s.resolve(&token, "openai-prod").await;
+    assert_eq!(status, 200, "{body}");
+    let v = json(&body);
+    assert_eq!(v["value"], VALUE);
+    assert_eq!(v["version"], 1);
+
+    // By stable id too.
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("sec_"));
+    let (status, body) = s.resolve(&token, &id).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The audit trail says who, what, for what, from where, and the outcome.
+    let out = s.cli(&["audit", "--secret", "openai-prod", "--json"]);
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let resolves: Vec<_> = lines.iter().filter(|e| e["action"] == "secret.resolve").collect();
+    assert_eq!(resolves.len(), 2);
+    let e = resolves[0];
+    assert_eq!(e["actor"]["kind"], "agent");
+    assert_eq!(e["actor"]["name"], "support-bot");
+    assert!(e["actor"]["token_id"].as_str().unwrap().starts_with("atk_"));
+    assert_eq!(e["purpose"], "test purpose");
+    assert_eq!(e["source_ip"], "127.0.0.1");
+    assert_eq!(e["outcome"], "allowed");
+    assert_eq!(e["secret_version"], 1);
+    assert!(e["request_id"].is_string());
+
+    // Human-readable audit works too.
+    let out = s.cli(&["audit"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("secret.resolve"));
+
+    // Metadata only: no value field anywhere in `secret show --json`.
+    let shown = s.cli_json(&["secret", "show", "openai-prod"]);
+    assert_eq!(shown["name"], "openai-prod");
+    assert_eq!(shown["provider"], "openai");
+    assert_eq!(shown["upstream"], "https://api.openai.com");
+    assert!(shown.get("value").is_none());
+    assert!(!shown.to_string().contains(VALUE));
+    assert_eq!(shown["versions"][0]["fingerprint"].as_str().unwrap().len(), 8);
+    assert!(shown["last_used"].is_string());
+
+    let verify = s.cli_json(&["audit", "verify"]);
+    assert_eq!(verify["ok"], true);
+}
+
+#[tokio::test]
+async fn organizations_are_isolated() {
+    let s = Server::start();
+    let org = s.cli_json(&["org", "create", "acme"]);
+    assert_eq!(org["name"], "acme");
+    s.put_secret(None, "shared-name", "value-of-default-org", &[]);
+    s.put_secret(Some("acme"), "shared-name", "value-of-acme-org", &[]);
+    s.put_secret(Some("acme"), "acme-only", "acme-only-value", &[]);
+    let t_default = s.agent(None, "bot");
+    let t_acme = s.agent(Some("acme"), "bot");
+    s.grant(None, "bot", "shared-name", "reveal", &[]);
+    s.grant(Some("acme"), "bot", "shared-name", "reveal", &[]);
+    s.grant(Some("acme"), "bot", "acme-only", "reveal", &[]);
+
+    assert_eq!(json(&s.resolve(&t_default, "shared-name").await.1)["value"], "value-of-default-org");
+    assert_eq!(json(&s.resolve(&t_acme, "shared-name").await.1)["value"], "value-of-acme-org");
+    // An agent of one org cannot reach another org's secret, by name or id.
+    assert_eq!(s.resolve(&t_default, "acme-only").await.0, 404);
+    let acme_id = json(&s.resolve(&t_acme, "acme-only").await.1)["id"].as_str().unwrap().to_owned();
+    assert_eq!(s.resolve(&t_default, &acme_id).await.0, 404);
+
+    // An owner token of acme sees acme only, and cannot act in default.
+    let tok = ok_json(s.cli_as(
+        &s.admin_token,
+        Some("acme"),
+        &["token", "create", "acme-owner", "--role", "owner", "--json"],
+        b"",
+    ));
+    let acme_owner = tok["token"].as_str().unwrap();
+    let out = s.cli_as(acme_owner, Some("acme"), &["secret", "list", "--json"], b"");
+    let list = ok_json(out);
+    assert_eq!(list["secrets"].as_array().unwrap().len(), 2);
+    let out = s.cli_as(acme_owner, Some("default"), &["secret", "list", "--json"], b"");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not_found"));
+    let out = s.cli_as(acme_owner, Some("acme"), &["org", "create", "other"], b"");
+    assert!(!out.status.success(), "only the operator creates organizations");
+}
+
+#[tokio::test]
+async fn not_granted_looks_exactly_like_not_found() {
+    let s = Server::start();
+    s.put_secret(None, "exists", VALUE, &[]);
+    let token = s.agent(None, "bot");
+    let (st1, body1) = s.resolve(&token, "exists").await;
+    let (st2, body2) = s.resolve(&token, "does-not-exist").await;
+    assert_eq!((st1, st2), (404, 404));
+    assert_eq!(body1, body2);
+    assert_eq!(error_code(&body1), "not_found");
+    // The audit trail knows the difference.
+    let out = s.cli(&["audit", "--outcome", "denied", "--json"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("\"no_grant\"") && text.contains("\"no_such_secret\""), "{text}");
+}
+
+#[tokio::test]
+async fn disabled_agent_gets_401_and_enable_restores() {
+    let s = Server::start();
+    s.put_secret(None, "k", VALUE, &[]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal", &[]);
+    assert_eq!(s.resolve(&token, "k").await.0, 200);
+    assert!(s.cli(&["agent", "disable", "bot"]).status.success());
+    let (status, body) = s.resolve(&token, "k").await;
+    assert_eq!(status, 401);
+    assert_eq!(error_code(&body), "agent_disabled");
+    assert!(!body.contains(VALUE));
+    assert!(s.cli(&["agent", "enable", "bot"]).status.success());
+    assert_eq!(s.resolve(&token, "k").await.0, 200);
+}
+
+#[tokio::test]
+async fn proxy_only_grant_cannot_resolve() {
+    let s = Server::start();
+    s.put_secret(None, "k", VALUE, &[]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "proxy", &[]);
+    let (status, body) = s.resolve(&token, "k").await;
+    assert_eq!(status, 403);
+    assert_eq!(error_code(&body), "reveal_not_granted");
+    assert!(!body.contains(VALUE));
+}
+
+#[tokio::test]
+async fn expired_grant_is_denied() {
+    let s = Server::start();
+    s.put_secret(None, "k", VALUE, &[]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal", &["--expires", "1s"]);
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    let (status, body) = s.resolve(&token, "k").await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(error_code(&body), "grant_expired");
+    // A grant that is already expired is refused at creation.
+    let out =
+        s.cli(&["grant", "add", "--agent", "bot", "--secret", "k", "--mode", "reveal", "--expires", "2001-01-01"]);
+    assert!(!out.status.success());
+}
+
+#[tokio::test]
+async fn rotate_revoke_delete_lifecycle() {
+    let s = Server::start();
+    s.put_secret(None, "k", "first-value-1", &[]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal", &[]);
+    assert_eq!(json(&s.resolve(&token, "k").await.1)["value"], "first-value-1");
+    let out = s.cli_stdin(&["secret", "rotate", "k"], b"second-value-2\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&s.resolve(&token, "k").await.1);
+    assert_eq!((v["value"].as_str().unwrap(), v["version"].as_i64().unwrap()), ("second-value-2", 2));
+    let shown = s.cli_json(&["secret", "show", "k"]);
+    assert_eq!(shown["versions"][0]["state"], "revoked");
+    assert_eq!(shown["versions"][1]["state"], "current");
+
+    assert!(s.cli(&["secret", "revoke", "k"]).status.success());
+    let (status, body) = s.resolve(&token, "k").await;
+    assert_eq!((status, error_code(&body).as_str()), (403, "no_current_version"));
+
+    assert!(s.cli(&["secret", "delete", "k"]).status.success());
+    assert_eq!(s.resolve(&token, "k").await.0, 404);
+    assert!(s.cli_json(&["grant", "list"])["grants"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn auditor_reads_but_cannot_change() {
+    let s = Server::start();
+    s.put_secret(None, "k", VALUE, &[]);
+    let tok = s.cli_json(&["token", "create", "reader", "--role", "auditor"]);
+    let auditor = tok["token"].as_str().unwrap();
+    assert!(s.cli_as(auditor, None, &["secret", "list"], b"").status.success());
+    assert!(s.cli_as(auditor, None, &["audit"], b"").status.success());
+    assert!(s.cli_as(auditor, None, &["audit", "verify"], b"").status.success());
+    for args in [
+        &["secret", "put", "new"][..],
+        &["secret", "rotate", "k"][..],
+        &["agent", "create", "x"][..],
+        &["secret", "delete", "k"][..],
+    ] {
+        let out = s.cli_as(auditor, None, args, b"some-value");
+        assert!(!out.status.success(), "{args:?} must be refused");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("insufficient_role"), "{args:?}");
+    }
+    assert_eq!(s.cli_json(&["secret", "list"])["secrets"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn value_never_leaves_in_clear() {
+    let s = Server::start();
+    let other = "xoxb-SECOND-VALUE-31337-abcdef";
+    s.put_secret(None, "openai-prod", VALUE, &["--provider", "openai"]);
+    s.put_secret(None, "slack", other, &["--provider", "slack"]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "openai-prod", "reveal", &[]);
+    assert_eq!(s.resolve(&token, "openai-prod").await.0, 200);
+    let out = s.cli_stdin(&["secret", "rotate", "slack"], b"xoxb-THIRD-VALUE-424242-fedcba");
+    assert!(out.status.success());
+    for args in [
+        &["secret", "list"][..],
+        &["secret", "list", "--json"][..],
+        &["secret", "show", "openai-prod"][..],
+        &["secret", "show", "slack", "--json"][..],
+        &["agent", "list", "--json"][..],
+        &["agent", "show", "bot", "--json"][..],
+        &["grant", "list", "--json"][..],
+        &["audit", "--json"][..],
+        &["audit", "verify"][..],
+    ] {
+        assert!(s.cli(args).status.success(), "{args:?}");
+    }
+    let audit_export = s.cli(&["audit", "--json", "--limit", "1000"]).stdout;
+    let mut s = s;
+    s.stop(); // flush everything to disk
+    let disk = all_bytes_under(&s.data_dir);
+    let wal = std::fs::read(s.data_dir.join("keyward.db-wal")).unwrap_or_default();
+    let log = s.server_log();
+    let cli = s.transcript.text();
+    assert!(!log.is_empty(), "the server logged nothing: the log check would be vacuous");
+    for secret in [VALUE, other, "xoxb-THIRD-VALUE-424242-fedcba"] {
+        assert!(!contains(&disk, secret), "value found in the data dir (database, WAL, files)");
+        assert!(!contains(&wal, secret), "value found in the WAL");
+        assert!(!log.contains(secret), "value found in the server log");
+        assert!(!cli.contains(secret), "value found in CLI output");
+        assert!(!contains(&audit_export, secret), "value found in the audit export");
+    }
+    // Tokens are never logged or stored either (only their hashes).
+    assert!(!log.contains(&token) && !log.contains(&s.admin_token), "token in the server log");
+    assert!(!contains(&disk, &token) && !contains(&disk, &s.admin_token), "token stored in clear");
+}
+
+#[tokio::test]
+async fn tampered_audit_row_is_named_by_verify() {
+    let s = Server::start();
+    s.put_secret(None, "k", VALUE, &[]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal", &[]);
+    for _ in 0..3 {
+        assert_eq!(s.resolve(&token, "k").await.0, 200);
+    }
+    let clean = s.cli(&["audit", "verify"]);
+    assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stderr));
+
+    let db = s.db().await;
+    let seq: i64 = sqlx::query_scalar(
+        "SELECT seq FROM audit_events WHERE action = 'secret.resolve' ORDER BY seq LIMIT 1 OFFSET 1",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE audit_events SET outcome = 'denied' WHERE seq = ?").bind(seq).execute(&db).await.unwrap();
+    db.close().await;
+
+    let out = s.cli(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(4), "verify must fail on a tampered trail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("sequence {seq}")), "{err}");
+    let v = ok_json_allow_fail(s.cli(&["audit", "verify", "--json"]));
+    assert_eq!(v["broken_at"], seq);
+}
+
+fn ok_json_allow_fail(out: std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn audit_write_failure_refuses_the_access() {
+    let s = Server::start();
+    s.put_secret(None, "k", VALUE, &[]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal", &[]);
+    assert_eq!(s.resolve(&token, "k").await.0, 200);
+
+    // Inject a fault: every audit insert now fails inside the database.
+    let db = s.db().await;
+    sqlx::query(
+        "CREATE TRIGGER audit_fault BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let (status, body) = s.resolve(&token, "k").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(error_code(&body), "audit_unavailable");
+    assert!(!body.contains(VALUE));
+
+    sqlx::query("DROP TRIGGER audit_fault").execute(&db).await.unwrap();
+    db.close().await;
+    assert_eq!(s.resolve(&token, "k").await.0, 200, "recovers when the audit trail is writable again");
+    assert!(s.cli(&["audit", "verify"]).status.success());
+}
+
+#[tokio::test]
+async fn read_only_database_refuses_the_access() {
+    let s = Server::start();
+    s.put_secret(None, "k", VALUE, &[]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal", &[]);
+    // Another process holds the write lock past the busy timeout: audit
+    // writes cannot commit, so nothing is released.
+    let db = s.db().await;
+    let mut conn = db.acquire().await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut *conn).await.unwrap();
+    let (status, body) = s.resolve(&token, "k").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(!body.contains(VALUE));
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    drop(conn);
+    db.close().await;
+    assert_eq!(s.resolve(&token, "k").await.0, 200);
+}
+
+#[tokio::test]
+async fn tampered_ciphertext_fails_with_integrity_error() {
+    let s = Server::start();
+    s.cli_json(&["org", "create", "acme"]);
+    s.put_secret(None, "a", "value-a-aaaaaaaa", &[]);
+    s.put_secret(None, "b", "value-b-bbbbbbbb", &[]);
+    s.put_secret(None, "c", "value-c-cccccccc", &[]);
+    s.put_secret(Some("acme"), "a", "value-acme-aaaa", &[]);
+    let token = s.agent(None, "bot");
+    for k in ["a", "b", "c"] {
+        s.grant(None, "bot", k, "reveal", &[]);
+    }
+    let acme = s.agent(Some("acme"), "bot");
+    s.grant(Some("acme"), "bot", "a", "reveal", &[]);
+
+    let db = s.db().await;
+    // a: one byte flipped.
+    let ct: Vec<u8> = sqlx::query_scalar("SELECT v.ciphertext FROM secret_versions v JOIN secrets s ON s.id = v.secret_id JOIN orgs o ON o.id = s.org_id WHERE s.name = 'a' AND o.name = 'default'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let mut flipped = ct.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x01;
+    let set = "UPDATE secret_versions SET ciphertext = ? WHERE secret_id = (SELECT s.id FROM secrets s JOIN orgs o ON o.id = s.org_id WHERE s.name = ? AND o.name = ?)";
+    sqlx::query(set).bind(&flipped).bind("a").bind("default").execute(&db).await.unwrap();
+    // b: c's ciphertext copied over (another secret's row).
+    let ct_c: Vec<u8> = sqlx::query_scalar("SELECT v.ciphertext FROM secret_versions v JOIN secrets s ON s.id = v.secret_id JOIN orgs o ON o.id = s.org_id WHERE s.name = 'c' AND o.name = 'default'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    sqlx::query(set).bind(&ct_c).bind("b").bind("default").execute(&db).await.unwrap();
+    // acme/a: default/c's ciphertext copied into another org.
+    sqlx::query(set).bind(&ct_c).bind("a").bind("acme").execute(&db).await.unwrap();
+    db.close().await;
+
+    for (tok, name) in [(&token, "a"), (&token, "b"), (&acme, "a")] {
+        let (status, body) = s.resolve(tok, name).await;
+        assert_eq!(status, 500, "{name}: {body}");
+        assert_eq!(error_code(&body), "integrity_error", "{name}");
+        assert!(!body.contains("value-"), "no garbage or other value is returned");
+    }
+    assert_eq!(json(&s.resolve(&token, "c").await.1)["value"], "value-c-cccccccc");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_json_error_and_stores_nothing() {
+    let s = Server::start();
+    let agent = s.agent(None, "bot");
+    let url = s.url("/v1/orgs/default/secrets");
+    let post = |body: String| {
+        s.http.post(&url).bearer_auth(&s.admin_token).header("content-type", "application/json").body(body)
+    };
+    let big = "x".repeat(64 * 1024 + 1);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("invalid name", r#"{"name":"Bad Name","value":"v"}"#.into(), 400, "invalid_input"),
+        ("name too long", format!(r#"{{"name":"{}","value":"v"}}"#, "a".repeat(64)), 400, "invalid_input"),
+        ("empty value", r#"{"name":"ok","value":""}"#.into(), 400, "invalid_input"),
+        ("value over 64 KiB", format!(r#"{{"name":"ok","value":"{big}"}}"#), 400, "invalid_input"),
+        ("malformed JSON", r#"{"name":"ok","value":"#.into(), 400, "invalid_json"),
+        ("unknown field", r#"{"name":"ok","value":"v","colour":"red"}"#.into(), 400, "invalid_json"),
+        ("wrong type", r#"{"name":"ok","value":42}"#.into(), 400, "invalid_json"),
+        ("unknown provider", r#"{"name":"ok","value":"v","provider":"nope"}"#.into(), 400, "invalid_input"),
+        (
+            "upstream with a path",
+            r#"{"name":"ok","value":"v","upstream":"https://a.example/x"}"#.into(),
+            400,
+            "invalid_input",
+        ),
+        ("bad expiry", r#"{"name":"ok","value":"v","expires":"someday"}"#.into(), 400, "invalid_input"),
+    ];
+    for (what, body, status, code) in cases {
+        let resp = post(body).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{what}");
+        assert_eq!(resp.headers()["content-type"], "application/json", "{what}");
+        assert_eq!(error_code(&resp.text().await.unwrap()), code, "{what}");
+    }
+    let huge = format!(r#"{{"name":"ok","value":"{}"}}"#, "x".repeat(600 * 1024));
+    let resp = post(huge).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    assert_eq!(error_code(&resp.text().await.unwrap()), "body_too_large");
+
+    // Tokens: missing, garbled, wrong checksum, the other kind.
+    let mut wrong_checksum = s.admin_token.clone();
+    let last = wrong_checksum.pop().unwrap();
+    wrong_checksum.push(if last == 'a' { 'b' } else { 'a' });
+    let list = s.url("/v1/orgs/default/secrets");
+    let no_token = s.http.get(&list).send().await.unwrap();
+    assert_eq!(no_token.status(), 401);
+    assert_eq!(error_code(&no_token.text().await.unwrap()), "missing_token");
+    for (what, tok, code) in [
+        ("garbled", "kwu_not-a-token", "invalid_token"),
+        ("wrong checksum", wrong_checksum.as_str(), "invalid_token"),
+        ("agent token on the admin API", agent.as_str(), "wrong_token_kind"),
+    ] {
+        let resp = s.http.get(&list).bearer_auth(tok).send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{what}");
+        assert_eq!(error_code(&resp.text().await.unwrap()), code, "{what}");
+    }
+    let (status, body) = s.resolve(&s.admin_token, "anything").await;
+    assert_eq!((status, error_code(&body).as_str()), (401, "wrong_token_kind"));
+    let (status, body) = s.resolve("kwa_garbage", "anything").await;
+    assert_eq!((status, error_code(&body).as_str()), (401, "invalid_token"));
+    let resp = s.http.get(s.url("/v1/resolve/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+
+    // Nothing was stored.
+    assert!(s.cli_json(&["secret", "list"])["secrets"].as_array().unwrap().is_empty());
+    // Unknown routes are JSON errors too.
+    let resp = s.http.get(s.url("/nope")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(error_code(&resp.text().await.unwrap()), "not_found");
+}
+
+#[test]
+fn cli_has_no_flag_that_takes_a_value() {
+    let out = std::process::Command::new(BIN).args(["secret", "put", "x", "--value", "y"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--value'"));
+    let out = std::process::Command::new(BIN).args(["secret", "rotate", "x", "--value", "y"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn cli_errors_are_one_line_and_non_zero() {
+    let s = Server::start();
+    let out = s.cli(&["secret", "show", "missing"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.starts_with("keyward: "), "{err}");
+    let out = s.cli(&["secret", "show", "missing", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(v["error"]["code"], "not_found");
+    // Without a token the CLI says what to do.
+    let out = s.cli_no_token(&["secret", "list"], b"");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KEYWARD_TOKEN"));
+    // An empty value from stdin is refused.
+    let out = s.cli_stdin(&["secret", "put", "empty"], b"");
+    assert!(!out.status.success());
+}
+
+#[tokio::test]
+async fn passphrase_sealed_server_refuses_until_unsealed() {
+    let pass = "correct horse battery staple";
+    let s = Server::start_with(Opts { passphrase: Some(pass.into()) });
+    let status = ok_json(s.cli_no_token(&["status", "--json"], b""));
+    assert_eq!(status["sealed"], true);
+    assert_eq!(status["seal"], "passphrase");
+    let resp = s.http.get(s.url("/v1/orgs/default/secrets")).bearer_auth(&s.admin_token).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(error_code(&resp.text().await.unwrap()), "sealed");
+    let (status, body) = s.resolve("kwa_x", "k").await;
+    assert_eq!((status, error_code(&body).as_str()), (503, "sealed"));
+
+    let wrong = s.cli_no_token(&["unseal"], b"wrong horse battery staple\n");
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong_passphrase"));
+    assert_eq!(ok_json(s.cli_no_token(&["status", "--json"], b""))["sealed"], true);
+
+    let right = s.cli_no_token(&["unseal"], format!("{pass}\n").as_bytes());
+    assert!(right.status.success(), "{}", String::from_utf8_lossy(&right.stderr));
+    assert_eq!(ok_json(s.cli_no_token(&["status", "--json"], b""))["sealed"], false);
+
+    s.put_secret(None, "k", VALUE, &[]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal", &[]);
+    assert_eq!(json(&s.resolve(&token, "k").await.1)["value"], VALUE);
+    // The wrong attempt is in the trail.
+    let out = s.cli(&["audit", "--action", "sys.unseal", "--json"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let _ = text; // unseal events have no org; check through the database instead
+    let db = s.db().await;
+    let outcomes: Vec<String> = sqlx::query_scalar(
+        "SELECT outcome || ':' || COALESCE(reason, '') FROM audit_events WHERE action = 'sys.unseal' ORDER BY seq",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(outcomes, vec!["denied:wrong_passphrase".to_owned(), "allowed:".to_owned()]);
+    // The passphrase is stored nowhere.
+    let mut s = s;
+    s.stop();
+    assert!(!contains(&all_bytes_under(&s.data_dir), pass));
+    assert!(!s.server_log().contains(pass));
+}
+
+#[tokio::test]
+async fn key_file_readable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut s = Server::start();
+    s.stop();
+    let key = s.data_dir.join("master.key");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&s.data_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("readable by group or others"));
+    // A wrong key (another instance's) is refused too.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    keyward_core::seal::create_key_file(&key).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&s.data_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not match this database"));
+}
+
+#[tokio::test]
+async fn serves_http2_openapi_health_and_request_ids() {
+    let s = Server::start();
+    let resp = s.http.get(s.url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2, "ALPN offers h2");
+    assert!(resp.headers().contains_key("x-request-id"));
+    let doc: serde_json::Value = s.http.get(s.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/v1/resolve/{secret}"]["get"].is_object());
+    let h1 = reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&std::fs::read(&s.ca).unwrap()).unwrap())
+        .http1_only()
+        .build()
+        .unwrap();
+    let resp = h1.get(s.url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+    // Only the generated CA is trusted: a client without it fails the handshake.
+    assert!(reqwest::Client::new().get(s.url("/healthz")).send().await.is_err());
+}
+
+#[tokio::test]
+async fn cli_finds_a_local_server_without_keyward_addr() {
+    let s = Server::start();
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--json", "--data-dir"])
+        .arg(&s.data_dir)
+        .env_remove("KEYWARD_ADDR")
+        .env_remove("KEYWARD_CACERT")
+        .output()
+        .unwrap();
+    let v = ok_json(out);
+    assert_eq!(v["backend"], "sqlite");
+}
