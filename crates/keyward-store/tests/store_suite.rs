@@ -1,0 +1,276 @@
+//! One suite for every Store implementation (the way rustls runs one suite
+//! against every crypto provider), plus Vault-level checks over a real store.
+
+use std::sync::Arc;
+
+use keyward_core::audit::{Actor, AuditDraft, ChainVerifier, Outcome};
+use keyward_core::clock::SystemClock;
+use keyward_core::crypto::KeyMaterial;
+use keyward_core::model::*;
+use keyward_core::store::{AuditQuery, Store, StoreError};
+use keyward_core::vault::{InitSeal, NewSecret, RequestMeta, SecretValue, UseMode, Vault};
+use time::OffsetDateTime;
+
+async fn sqlite() -> (tempfile::TempDir, Arc<dyn Store>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = keyward_store::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+    (dir, store)
+}
+
+fn now() -> OffsetDateTime {
+    keyward_core::audit::normalise_time(OffsetDateTime::now_utc())
+}
+
+fn draft(action: &str) -> AuditDraft {
+    AuditDraft {
+        time: now(),
+        org_id: None,
+        actor: Actor::system(),
+        action: action.into(),
+        secret_id: None,
+        secret_name: None,
+        secret_version: None,
+        purpose: None,
+        source_ip: None,
+        user_agent: None,
+        outcome: Outcome::Allowed,
+        reason: None,
+        request_id: None,
+    }
+}
+
+fn version(secret_id: &str, n: i64) -> SecretVersion {
+    SecretVersion {
+        secret_id: secret_id.into(),
+        version: n,
+        state: VersionState::Current,
+        ciphertext: vec![n as u8; 40],
+        fingerprint: format!("{n:08x}"),
+        created_at: now(),
+        revoked_at: None,
+    }
+}
+
+async fn suite(store: Arc<dyn Store>) {
+    // Metadata: first writer wins.
+    store.insert_meta("k", "v").await.unwrap();
+    assert!(matches!(store.insert_meta("k", "w").await, Err(StoreError::Duplicate { .. })));
+    assert_eq!(store.get_meta("k").await.unwrap().as_deref(), Some("v"));
+
+    // Organizations: unique names.
+    let org = Org { id: new_id("org"), name: "default".into(), created_at: now() };
+    store.create_org(&OrgRecord { org: org.clone(), wrapped_key: vec![1, 2, 3] }).await.unwrap();
+    let dup = Org { id: new_id("org"), ..org.clone() };
+    assert!(matches!(
+        store.create_org(&OrgRecord { org: dup, wrapped_key: vec![] }).await,
+        Err(StoreError::Duplicate { .. })
+    ));
+    assert_eq!(store.org_by_name("default").await.unwrap().unwrap().wrapped_key, vec![1, 2, 3]);
+    assert_eq!(store.org_by_id(&org.id).await.unwrap().unwrap().org.name, "default");
+
+    // Secrets and versions.
+    let s = Secret {
+        id: new_id("sec"),
+        org_id: org.id.clone(),
+        name: "openai".into(),
+        provider: "openai".into(),
+        upstream: Some("https://api.openai.com".into()),
+        description: Some("d".into()),
+        tags: vec!["team:a".into()],
+        expires_at: None,
+        created_at: now(),
+        updated_at: now(),
+    };
+    store.create_secret(&s, &version(&s.id, 1)).await.unwrap();
+    let again = Secret { id: new_id("sec"), ..s.clone() };
+    assert!(store.create_secret(&again, &version(&again.id, 1)).await.is_err(), "names are unique per org");
+    assert!(store.find_secret(&org.id, &again.id).await.unwrap().is_none(), "a failed create leaves nothing");
+    let by_name = store.find_secret(&org.id, "openai").await.unwrap().unwrap();
+    let by_id = store.find_secret(&org.id, &s.id).await.unwrap().unwrap();
+    assert_eq!((by_name.id.as_str(), by_name.tags.clone()), (s.id.as_str(), vec!["team:a".to_owned()]));
+    assert_eq!(by_id.name, "openai");
+    assert!(store.find_secret("org_other", "openai").await.unwrap().is_none());
+
+    store.rotate_secret(&version(&s.id, 2), now()).await.unwrap();
+    let vs = store.list_versions(&s.id).await.unwrap();
+    assert_eq!(
+        vs.iter().map(|v| (v.version, v.state)).collect::<Vec<_>>(),
+        vec![(1, VersionState::Revoked), (2, VersionState::Current)]
+    );
+    assert_eq!(store.current_version(&s.id).await.unwrap().unwrap().ciphertext, vec![2u8; 40]);
+    // A rotation to an existing version number fails whole: v2 stays current.
+    assert!(store.rotate_secret(&version(&s.id, 2), now()).await.is_err());
+    assert_eq!(store.current_version(&s.id).await.unwrap().unwrap().version, 2);
+    assert_eq!(store.revoke_versions(&s.id, Some(1), now()).await.unwrap(), 0, "already revoked");
+    assert_eq!(store.revoke_versions(&s.id, None, now()).await.unwrap(), 1);
+    assert!(store.current_version(&s.id).await.unwrap().is_none());
+
+    // Agents and tokens.
+    let a = Agent {
+        id: new_id("agt"),
+        org_id: org.id.clone(),
+        name: "bot".into(),
+        description: None,
+        disabled: false,
+        created_at: now(),
+    };
+    let t = AgentToken {
+        id: new_id("atk"),
+        agent_id: a.id.clone(),
+        hash: [7; 32],
+        created_at: now(),
+        expires_at: None,
+        revoked: false,
+    };
+    store.create_agent(&a, &t).await.unwrap();
+    let (found, tok) = store.agent_by_token_hash(&[7; 32]).await.unwrap().unwrap();
+    assert_eq!((found.name.as_str(), tok.id.as_str()), ("bot", t.id.as_str()));
+    assert!(store.agent_by_token_hash(&[8; 32]).await.unwrap().is_none());
+    assert!(store.set_agent_disabled(&a.id, true).await.unwrap());
+    assert!(store.find_agent(&org.id, "bot").await.unwrap().unwrap().disabled);
+
+    // Grants: one per (agent, secret), replaced on re-grant.
+    let g = Grant {
+        id: new_id("grt"),
+        org_id: org.id.clone(),
+        agent_id: a.id.clone(),
+        secret_id: s.id.clone(),
+        modes: Modes { proxy: true, reveal: false },
+        expires_at: None,
+        created_at: now(),
+    };
+    store.put_grant(&g).await.unwrap();
+    store
+        .put_grant(&Grant { id: new_id("grt"), modes: Modes { proxy: false, reveal: true }, ..g.clone() })
+        .await
+        .unwrap();
+    let gs = store.list_grants(&org.id, Some(&a.id), None).await.unwrap();
+    assert_eq!(gs.len(), 1);
+    assert!(gs[0].modes.reveal && !gs[0].modes.proxy);
+    assert!(store.find_grant(&a.id, &s.id).await.unwrap().is_some());
+    assert!(store.delete_grant(&a.id, &s.id).await.unwrap());
+    assert!(!store.delete_grant(&a.id, &s.id).await.unwrap());
+
+    // Deleting a secret takes its versions and grants.
+    store.put_grant(&g).await.unwrap();
+    assert!(store.delete_secret(&s.id).await.unwrap());
+    assert!(store.list_versions(&s.id).await.unwrap().is_empty());
+    assert!(store.list_grants(&org.id, None, None).await.unwrap().is_empty());
+
+    // Human tokens.
+    let u = UserToken {
+        id: new_id("utk"),
+        org_id: None,
+        name: "op".into(),
+        role: Role::Owner,
+        hash: [9; 32],
+        created_at: now(),
+        expires_at: None,
+    };
+    store.create_user_token(&u).await.unwrap();
+    assert_eq!(store.user_token_by_hash(&[9; 32]).await.unwrap().unwrap().role, Role::Owner);
+
+    // Audit: concurrent appenders still form one chain with no gaps.
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let st = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..5 {
+                let batch: Vec<_> = (0..4).map(|j| draft(&format!("w{w}.{i}.{j}"))).collect();
+                st.append_audit(&batch).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut v = ChainVerifier::default();
+    let mut after = 0;
+    loop {
+        let page = store.audit_page(after, 100).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        assert!(page.iter().all(|r| v.feed(r)));
+    }
+    let report = v.finish();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.events, 16 * 5 * 4);
+
+    let newest = store.query_audit(&AuditQuery { limit: 3, ..Default::default() }).await.unwrap();
+    assert_eq!(newest.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![320, 319, 318]);
+    let page2 = store.query_audit(&AuditQuery { limit: 2, before_seq: Some(318), ..Default::default() }).await.unwrap();
+    assert_eq!(page2.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![317, 316]);
+    let by_action = store
+        .query_audit(&AuditQuery { action: Some("w3.2.1".into()), limit: 10, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(by_action.len(), 1);
+}
+
+#[tokio::test]
+async fn sqlite_store_suite() {
+    let (_dir, store) = sqlite().await;
+    suite(store).await;
+}
+
+#[tokio::test]
+async fn sqlite_reopens_migrated_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let s = keyward_store::open(&url).await.unwrap();
+    s.insert_meta("x", "1").await.unwrap();
+    drop(s);
+    let s = keyward_store::open(&url).await.unwrap();
+    assert_eq!(s.get_meta("x").await.unwrap().as_deref(), Some("1"));
+    assert!(keyward_store::open("mysql://x").await.is_err());
+}
+
+/// Many concurrent resolves through the Vault: each is audited (group
+/// commit), none is lost, and the chain verifies afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_resolves_are_each_audited_once() {
+    let (_dir, store) = sqlite().await;
+    let key = KeyMaterial::generate().unwrap();
+    let copy = KeyMaterial::from_slice(key.expose()).unwrap();
+    let init = Vault::initialize(store.clone(), Arc::new(SystemClock), InitSeal::KeyFile(key)).await.unwrap();
+    let vault = Vault::open(store.clone(), Arc::new(SystemClock), Some(copy)).await.unwrap();
+    let meta = RequestMeta::default();
+    let p = vault.authenticate_user(init.admin_token.expose(), &meta).await.unwrap();
+    let new = NewSecret {
+        name: "k".into(),
+        provider: None,
+        upstream: None,
+        description: None,
+        tags: vec![],
+        expires_at: None,
+    };
+    vault.put_secret(&p, "default", new, SecretValue::new(b"the-value".to_vec()).unwrap(), &meta).await.unwrap();
+    let (_, token) = vault.create_agent(&p, "default", "bot", None, None, &meta).await.unwrap();
+    vault.add_grant(&p, "default", "bot", "k", Modes { proxy: false, reveal: true }, None, &meta).await.unwrap();
+
+    let before = store.audit_page(0, 10_000).await.unwrap().len();
+    let token = Arc::new(token.expose().to_owned());
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (v, t) = (vault.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = v.use_secret(&t, "k", UseMode::Reveal, &RequestMeta::default()).await.unwrap();
+            assert_eq!(r.value.expose_bytes(), b"the-value");
+            r.audit_seq
+        }));
+    }
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 200, "every release has its own audit record");
+    let all = store.audit_page(0, 10_000).await.unwrap();
+    assert_eq!(all.len() - before, 200);
+    assert!(vault.verify_audit(&p, "default").await.unwrap().ok);
+
+    // Revocation takes effect on the very next use (caches are invalidated).
+    vault.revoke_secret(&p, "default", "k", None, &meta).await.unwrap();
+    assert!(vault.use_secret(&token, "k", UseMode::Reveal, &meta).await.is_err());
+}
