@@ -47,6 +47,14 @@ pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`, for status output.
     fn backend(&self) -> &'static str;
 
+    /// Fires when another process may have changed policy data (secrets,
+    /// versions, agents, grants, tokens), or when such news may have been
+    /// missed: the Vault then drops its caches. `None` when this process is
+    /// the only writer (embedded SQLite).
+    fn watch_changes(&self) -> Option<tokio::sync::broadcast::Receiver<()>> {
+        None
+    }
+
     // Instance metadata (seal parameters, initialisation marker).
     async fn get_meta(&self, key: &str) -> StoreResult<Option<String>>;
     /// Inserts; `Duplicate` if the key exists (so two initialisers cannot both win).

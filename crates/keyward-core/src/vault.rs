@@ -270,6 +270,21 @@ impl Vault {
             unseal_lock: Mutex::new(()),
             cache: Cache::new(),
         });
+        if let Some(mut changes) = vault.store.watch_changes() {
+            let weak = Arc::downgrade(&vault);
+            tokio::spawn(async move {
+                loop {
+                    let news = changes.recv().await;
+                    let Some(v) = weak.upgrade() else { break };
+                    match news {
+                        Ok(()) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            v.cache.invalidate_policy()
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            });
+        }
         if let Some(m) = master {
             vault.check_master(&m).await?;
             *vault.master.write().unwrap_or_else(|e| e.into_inner()) = Some(m);

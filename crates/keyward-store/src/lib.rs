@@ -4,12 +4,17 @@
 #![forbid(unsafe_code)]
 
 mod migrate;
+mod postgres;
+mod rows;
 mod sqlite;
+#[cfg(feature = "test-support")]
+pub mod testing;
 
 use std::sync::Arc;
 
 use keyward_core::store::{Store, StoreError};
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Opens the store named by a database URL (`sqlite://PATH`), creating and
@@ -19,10 +24,10 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
         return Ok(Arc::new(SqliteStore::open(std::path::Path::new(path)).await?));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(StoreError::Other("the PostgreSQL store is not available in this build yet".into()));
+        return Ok(Arc::new(PgStore::open(url).await?));
     }
     Err(StoreError::Other(format!(
-        "unsupported database URL scheme in `{}`; use sqlite://PATH",
+        "unsupported database URL scheme in `{}`; use sqlite://PATH or postgres://USER@HOST/DB",
         url.split("://").next().unwrap_or("")
     )))
 }
@@ -37,6 +42,10 @@ pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
             // SQLite: busy/locked/read-only/full/IO errors mean "cannot write now".
             let unavailable = db.code().is_some_and(|c| {
                 let c: &str = &c;
+                // PostgreSQL: connection exception, insufficient resources, operator intervention.
+                if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") {
+                    return true;
+                }
                 matches!(c, "5" | "6" | "8" | "10" | "13" | "14" | "261" | "517" | "1032")
                     || c.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 8 | 10 | 13 | 14))
             });

@@ -214,6 +214,49 @@ async fn sqlite_store_suite() {
 }
 
 #[tokio::test]
+async fn postgres_store_suite() {
+    let Some(db) = keyward_store::testing::TestSchema::create().await else { return };
+    let store = keyward_store::open(&db.url).await.unwrap();
+    assert_eq!(store.backend(), "postgres");
+    suite(store).await;
+}
+
+/// A change committed through one PostgreSQL store reaches another
+/// replica's store as a notification.
+#[tokio::test]
+async fn postgres_changes_reach_other_replicas() {
+    let Some(db) = keyward_store::testing::TestSchema::create().await else { return };
+    let a = keyward_store::open(&db.url).await.unwrap();
+    let b = keyward_store::open(&db.url).await.unwrap();
+    let mut news = b.watch_changes().expect("postgres publishes changes");
+    // Drain the connect-time invalidation, then expect one for the change.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), news.recv()).await;
+    let org = Org { id: new_id("org"), name: "o".into(), created_at: now() };
+    a.create_org(&OrgRecord { org: org.clone(), wrapped_key: vec![0] }).await.unwrap();
+    let agent = Agent {
+        id: new_id("agt"),
+        org_id: org.id,
+        name: "a".into(),
+        description: None,
+        disabled: false,
+        created_at: now(),
+    };
+    let tok = AgentToken {
+        id: new_id("atk"),
+        agent_id: agent.id.clone(),
+        hash: [1; 32],
+        created_at: now(),
+        expires_at: None,
+        revoked: false,
+    };
+    a.create_agent(&agent, &tok).await.unwrap();
+    while news.try_recv().is_ok() {}
+    a.set_agent_disabled(&agent.id, true).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(1), news.recv()).await.expect("notified within 1 s").unwrap();
+    assert!(keyward_store::open("sqlite:///nonexistent-dir/x.db").await.is_err());
+}
+
+#[tokio::test]
 async fn sqlite_reopens_migrated_database() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
@@ -230,6 +273,16 @@ async fn sqlite_reopens_migrated_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_resolves_are_each_audited_once() {
     let (_dir, store) = sqlite().await;
+    concurrent_resolves(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_resolves_are_each_audited_once_on_postgres() {
+    let Some(db) = keyward_store::testing::TestSchema::create().await else { return };
+    concurrent_resolves(keyward_store::open(&db.url).await.unwrap()).await;
+}
+
+async fn concurrent_resolves(store: Arc<dyn Store>) {
     let key = KeyMaterial::generate().unwrap();
     let copy = KeyMaterial::from_slice(key.expose()).unwrap();
     let init = Vault::initialize(store.clone(), Arc::new(SystemClock), InitSeal::KeyFile(key)).await.unwrap();

@@ -1,0 +1,561 @@
+//! The scale-out store: PostgreSQL, shared by several stateless replicas.
+//!
+//! - Every committed change to policy data (secrets, versions, agents,
+//!   grants, tokens) sends `NOTIFY keyward_changes` inside its transaction, so
+//!   every replica drops its caches as soon as the change is visible.
+//! - Audit appends take a transaction-level advisory lock before reading the
+//!   chain's tail, so concurrent replicas still form one gap-free chain; each
+//!   replica's group commit keeps the lock to one short transaction per batch.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use time::OffsetDateTime;
+use tokio::sync::broadcast;
+
+use keyward_core::audit::{Actor, AuditDraft, AuditRecord, GENESIS_HASH, Outcome, chain_batch, from_micros};
+use keyward_core::model::*;
+use keyward_core::store::{AuditQuery, Store, StoreError, StoreResult};
+
+use crate::map_err;
+use crate::migrate::{self, Migration};
+use crate::rows::{corrupt, hash32, micros, opt_micros};
+
+const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "init", sql: include_str!("../migrations/postgres/0001_init.sql") }];
+
+/// Channel carrying cache invalidations between replicas.
+pub const CHANGES_CHANNEL: &str = "keyward_changes";
+/// Advisory lock key serialising audit appends ("kw-audit").
+const AUDIT_LOCK: i64 = 0x6b77_2d61_7564_6974;
+
+pub struct PgStore {
+    pool: PgPool,
+    options: PgConnectOptions,
+    changes: broadcast::Sender<()>,
+}
+
+impl PgStore {
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::Other(format!("database URL: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.clone())
+            .await
+            .map_err(map_err)?;
+        // One replica migrates at a time.
+        let mut lock = pool.acquire().await.map_err(map_err)?;
+        sqlx::query("SELECT pg_advisory_lock(7368528741)").execute(&mut *lock).await.map_err(map_err)?;
+        let migrated = migrate::run(&pool, MIGRATIONS).await;
+        sqlx::query("SELECT pg_advisory_unlock(7368528741)").execute(&mut *lock).await.map_err(map_err)?;
+        drop(lock);
+        migrated?;
+        let (changes, _) = broadcast::channel(64);
+        let store = Self { pool, options, changes };
+        store.spawn_listener();
+        Ok(store)
+    }
+
+    /// Listens for other replicas' changes. A lost connection may have lost
+    /// notifications, so on every (re)connect the caches are dropped too.
+    fn spawn_listener(&self) {
+        let options = self.options.clone();
+        let tx = self.changes.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut listener = match PgListener::connect_with(&PgPool::connect_lazy_with(options.clone())).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "change listener cannot connect; retrying");
+                        let _ = tx.send(());
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = listener.listen(CHANGES_CHANNEL).await {
+                    tracing::warn!(error = %e, "LISTEN failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                let _ = tx.send(()); // anything missed while disconnected
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => {
+                            let _ = tx.send(());
+                        }
+                        Ok(None) | Err(_) => {
+                            tracing::warn!("change listener lost its connection; dropping caches and reconnecting");
+                            let _ = tx.send(());
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+}
+
+/// Runs one write statement in a transaction that also notifies replicas.
+trait ExecNotify {
+    async fn exec_notify(self, pool: &PgPool) -> StoreResult<sqlx::postgres::PgQueryResult>;
+}
+
+impl ExecNotify for sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    async fn exec_notify(self, pool: &PgPool) -> StoreResult<sqlx::postgres::PgQueryResult> {
+        let mut tx = pool.begin().await.map_err(map_err)?;
+        let done = self.execute(&mut *tx).await.map_err(map_err)?;
+        notify(&mut tx).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(done)
+    }
+}
+
+async fn notify(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> StoreResult<()> {
+    sqlx::query("SELECT pg_notify($1, '')").bind(CHANGES_CHANNEL).execute(&mut **tx).await.map_err(map_err)?;
+    Ok(())
+}
+
+crate::rows::row_mappers!(PgRow);
+
+const AUDIT_COLUMNS: &str = "seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, secret_id, \
+     secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, request_id, prev_hash, hash";
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn watch_changes(&self) -> Option<broadcast::Receiver<()>> {
+        Some(self.changes.subscribe())
+    }
+
+    async fn get_meta(&self, key: &str) -> StoreResult<Option<String>> {
+        let row = sqlx::query("SELECT value FROM meta WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.map(|r| r.try_get("value").map_err(corrupt)).transpose()
+    }
+
+    async fn insert_meta(&self, key: &str, value: &str) -> StoreResult<()> {
+        sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2)")
+            .bind(key)
+            .bind(value)
+            .exec_notify(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn create_org(&self, org: &OrgRecord) -> StoreResult<()> {
+        sqlx::query("INSERT INTO orgs (id, name, wrapped_key, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(&org.org.id)
+            .bind(&org.org.name)
+            .bind(&org.wrapped_key)
+            .bind(micros(org.org.created_at))
+            .exec_notify(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRecord>> {
+        let row = sqlx::query("SELECT * FROM orgs WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(org_from).transpose()
+    }
+
+    async fn org_by_id(&self, id: &str) -> StoreResult<Option<OrgRecord>> {
+        let row = sqlx::query("SELECT * FROM orgs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(org_from).transpose()
+    }
+
+    async fn list_orgs(&self) -> StoreResult<Vec<Org>> {
+        let rows = sqlx::query("SELECT * FROM orgs ORDER BY name").fetch_all(&self.pool).await.map_err(map_err)?;
+        rows.iter().map(|r| org_from(r).map(|o| o.org)).collect()
+    }
+
+    async fn create_secret(&self, s: &Secret, v: &SecretVersion) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO secrets (id, org_id, name, provider, upstream, description, tags, expires_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&s.id)
+        .bind(&s.org_id)
+        .bind(&s.name)
+        .bind(&s.provider)
+        .bind(&s.upstream)
+        .bind(&s.description)
+        .bind(serde_json::to_string(&s.tags).expect("tags serialize"))
+        .bind(opt_micros(s.expires_at))
+        .bind(micros(s.created_at))
+        .bind(micros(s.updated_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_version(&mut tx, v).await?;
+        notify(&mut tx).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn find_secret(&self, org_id: &str, name_or_id: &str) -> StoreResult<Option<Secret>> {
+        let row = sqlx::query("SELECT * FROM secrets WHERE org_id = $1 AND (name = $2 OR id = $3)")
+            .bind(org_id)
+            .bind(name_or_id)
+            .bind(name_or_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(secret_from).transpose()
+    }
+
+    async fn list_secrets(&self, org_id: &str) -> StoreResult<Vec<Secret>> {
+        let rows = sqlx::query("SELECT * FROM secrets WHERE org_id = $1 ORDER BY name")
+            .bind(org_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(secret_from).collect()
+    }
+
+    async fn current_version(&self, secret_id: &str) -> StoreResult<Option<SecretVersion>> {
+        let row = sqlx::query(
+            "SELECT * FROM secret_versions WHERE secret_id = $1 AND state = 'current' ORDER BY version DESC LIMIT 1",
+        )
+        .bind(secret_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(version_from).transpose()
+    }
+
+    async fn list_versions(&self, secret_id: &str) -> StoreResult<Vec<SecretVersion>> {
+        let rows = sqlx::query("SELECT * FROM secret_versions WHERE secret_id = $1 ORDER BY version")
+            .bind(secret_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(version_from).collect()
+    }
+
+    async fn rotate_secret(&self, next: &SecretVersion, at: OffsetDateTime) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "UPDATE secret_versions SET state = 'revoked', revoked_at = $1 WHERE secret_id = $2 AND state <> 'revoked'",
+        )
+        .bind(micros(at))
+        .bind(&next.secret_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_version(&mut tx, next).await?;
+        sqlx::query("UPDATE secrets SET updated_at = $1 WHERE id = $2")
+            .bind(micros(at))
+            .bind(&next.secret_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        notify(&mut tx).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn revoke_versions(&self, secret_id: &str, version: Option<i64>, at: OffsetDateTime) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE secret_versions SET state = 'revoked', revoked_at = $1 \
+             WHERE secret_id = $2 AND state <> 'revoked' AND ($3::BIGINT IS NULL OR version = $4)",
+        )
+        .bind(micros(at))
+        .bind(secret_id)
+        .bind(version)
+        .bind(version)
+        .exec_notify(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_secret(&self, secret_id: &str) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        for sql in ["DELETE FROM grants WHERE secret_id = $1", "DELETE FROM secret_versions WHERE secret_id = $1"] {
+            sqlx::query(sql).bind(secret_id).execute(&mut *tx).await.map_err(map_err)?;
+        }
+        let done = sqlx::query("DELETE FROM secrets WHERE id = $1")
+            .bind(secret_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        notify(&mut tx).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_agent(&self, a: &Agent, t: &AgentToken) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO agents (id, org_id, name, description, disabled, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&a.id)
+        .bind(&a.org_id)
+        .bind(&a.name)
+        .bind(&a.description)
+        .bind(a.disabled)
+        .bind(micros(a.created_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO agent_tokens (id, agent_id, hash, created_at, expires_at, revoked) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&t.id)
+        .bind(&t.agent_id)
+        .bind(&t.hash[..])
+        .bind(micros(t.created_at))
+        .bind(opt_micros(t.expires_at))
+        .bind(t.revoked)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        notify(&mut tx).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn find_agent(&self, org_id: &str, name_or_id: &str) -> StoreResult<Option<Agent>> {
+        let row = sqlx::query("SELECT * FROM agents WHERE org_id = $1 AND (name = $2 OR id = $3)")
+            .bind(org_id)
+            .bind(name_or_id)
+            .bind(name_or_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(agent_from).transpose()
+    }
+
+    async fn list_agents(&self, org_id: &str) -> StoreResult<Vec<Agent>> {
+        let rows = sqlx::query("SELECT * FROM agents WHERE org_id = $1 ORDER BY name")
+            .bind(org_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(agent_from).collect()
+    }
+
+    async fn set_agent_disabled(&self, agent_id: &str, disabled: bool) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE agents SET disabled = $1 WHERE id = $2")
+            .bind(disabled)
+            .bind(agent_id)
+            .exec_notify(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn agent_by_token_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<(Agent, AgentToken)>> {
+        let row = sqlx::query(
+            "SELECT a.*, t.id AS t_id, t.hash AS t_hash, t.created_at AS t_created_at, \
+                    t.expires_at AS t_expires_at, t.revoked AS t_revoked \
+             FROM agent_tokens t JOIN agents a ON a.id = t.agent_id WHERE t.hash = $1",
+        )
+        .bind(&hash[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(agent_with_token_from).transpose()
+    }
+
+    async fn put_grant(&self, g: &Grant) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO grants (id, org_id, agent_id, secret_id, mode_proxy, mode_reveal, expires_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (agent_id, secret_id) DO UPDATE SET \
+               mode_proxy = excluded.mode_proxy, mode_reveal = excluded.mode_reveal, \
+               expires_at = excluded.expires_at, created_at = excluded.created_at",
+        )
+        .bind(&g.id)
+        .bind(&g.org_id)
+        .bind(&g.agent_id)
+        .bind(&g.secret_id)
+        .bind(g.modes.proxy)
+        .bind(g.modes.reveal)
+        .bind(opt_micros(g.expires_at))
+        .bind(micros(g.created_at))
+        .exec_notify(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn find_grant(&self, agent_id: &str, secret_id: &str) -> StoreResult<Option<Grant>> {
+        let row = sqlx::query("SELECT * FROM grants WHERE agent_id = $1 AND secret_id = $2")
+            .bind(agent_id)
+            .bind(secret_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(grant_from).transpose()
+    }
+
+    async fn list_grants(
+        &self,
+        org_id: &str,
+        agent_id: Option<&str>,
+        secret_id: Option<&str>,
+    ) -> StoreResult<Vec<Grant>> {
+        let rows = sqlx::query(
+            "SELECT * FROM grants WHERE org_id = $1 AND ($2::TEXT IS NULL OR agent_id = $3) AND ($4::TEXT IS NULL OR secret_id = $5) \
+             ORDER BY created_at",
+        )
+        .bind(org_id)
+        .bind(agent_id)
+        .bind(agent_id)
+        .bind(secret_id)
+        .bind(secret_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(grant_from).collect()
+    }
+
+    async fn delete_grant(&self, agent_id: &str, secret_id: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM grants WHERE agent_id = $1 AND secret_id = $2")
+            .bind(agent_id)
+            .bind(secret_id)
+            .exec_notify(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_user_token(&self, t: &UserToken) -> StoreResult<()> {
+        sqlx::query("INSERT INTO user_tokens (id, org_id, name, role, hash, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+            .bind(&t.id)
+            .bind(&t.org_id)
+            .bind(&t.name)
+            .bind(t.role.as_str())
+            .bind(&t.hash[..])
+            .bind(micros(t.created_at))
+            .bind(opt_micros(t.expires_at))
+            .exec_notify(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn user_token_by_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<UserToken>> {
+        let row = sqlx::query("SELECT * FROM user_tokens WHERE hash = $1")
+            .bind(&hash[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(user_token_from).transpose()
+    }
+
+    async fn append_audit(&self, batch: &[AuditDraft]) -> StoreResult<Vec<AuditRecord>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // Held until commit: one appender at a time, across every replica.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(AUDIT_LOCK).execute(&mut *tx).await.map_err(map_err)?;
+        let tail = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let (last_seq, last_hash) = match tail {
+            Some(r) => (r.try_get("seq").map_err(corrupt)?, hash32(r.try_get("hash").map_err(corrupt)?)?),
+            None => (0, GENESIS_HASH),
+        };
+        let records = chain_batch(last_seq, last_hash, batch);
+        for r in &records {
+            let e = &r.event;
+            sqlx::query(
+                "INSERT INTO audit_events (seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, \
+                 secret_id, secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, request_id, \
+                 prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+            )
+            .bind(r.seq)
+            .bind(micros(e.time))
+            .bind(&e.org_id)
+            .bind(&e.actor.kind)
+            .bind(&e.actor.id)
+            .bind(&e.actor.name)
+            .bind(&e.actor.token_id)
+            .bind(&e.action)
+            .bind(&e.secret_id)
+            .bind(&e.secret_name)
+            .bind(e.secret_version)
+            .bind(&e.purpose)
+            .bind(&e.source_ip)
+            .bind(&e.user_agent)
+            .bind(e.outcome.as_str())
+            .bind(&e.reason)
+            .bind(&e.request_id)
+            .bind(&r.prev_hash[..])
+            .bind(&r.hash[..])
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(records)
+    }
+
+    async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        let sql = format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE \
+             ($1::TEXT IS NULL OR org_id = $1) \
+             AND ($2::TEXT IS NULL OR secret_id = $2 OR secret_name = $2) \
+             AND ($3::TEXT IS NULL OR (actor_kind = 'agent' AND (actor_id = $3 OR actor_name = $3))) \
+             AND ($4::TEXT IS NULL OR action = $4) \
+             AND ($5::TEXT IS NULL OR outcome = $5) \
+             AND ($6::BIGINT IS NULL OR time >= $6) \
+             AND ($7::BIGINT IS NULL OR seq < $7) \
+             ORDER BY seq DESC LIMIT $8"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&q.org_id)
+            .bind(&q.secret)
+            .bind(&q.agent)
+            .bind(&q.action)
+            .bind(q.outcome.map(Outcome::as_str))
+            .bind(opt_micros(q.since))
+            .bind(q.before_seq)
+            .bind(i64::from(q.limit.max(1)))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(audit_from).collect()
+    }
+
+    async fn audit_page(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<AuditRecord>> {
+        let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(after_seq)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(audit_from).collect()
+    }
+}
+
+async fn insert_version(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, v: &SecretVersion) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO secret_versions (secret_id, version, state, ciphertext, fingerprint, created_at, revoked_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&v.secret_id)
+    .bind(v.version)
+    .bind(v.state.as_str())
+    .bind(&v.ciphertext)
+    .bind(&v.fingerprint)
+    .bind(micros(v.created_at))
+    .bind(opt_micros(v.revoked_at))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
