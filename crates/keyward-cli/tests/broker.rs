@@ -7,9 +7,8 @@ use support::*;
 
 const VALUE: &str = "sk-proj-TESTVALUE-9f8e7d6c5b4a39281706";
 
-#[tokio::test]
-async fn walkthrough_put_agent_grant_resolve_audit() {
-    let s = Server::start();
+async fn walkthrough_put_agent_grant_resolve_audit(b: Backend) {
+    let s = Server::start(b).await;
     s.put_secret(None, "openai-prod", VALUE, &["--provider", "openai"]);
     let token = s.agent(None, "support-bot");
     assert!(token.starts_with("kwa_"));
@@ -62,9 +61,8 @@ async fn walkthrough_put_agent_grant_resolve_audit() {
     assert_eq!(verify["ok"], true);
 }
 
-#[tokio::test]
-async fn organizations_are_isolated() {
-    let s = Server::start();
+async fn organizations_are_isolated(b: Backend) {
+    let s = Server::start(b).await;
     let org = s.cli_json(&["org", "create", "acme"]);
     assert_eq!(org["name"], "acme");
     s.put_secret(None, "shared-name", "value-of-default-org", &[]);
@@ -101,9 +99,8 @@ async fn organizations_are_isolated() {
     assert!(!out.status.success(), "only the operator creates organizations");
 }
 
-#[tokio::test]
-async fn not_granted_looks_exactly_like_not_found() {
-    let s = Server::start();
+async fn not_granted_looks_exactly_like_not_found(b: Backend) {
+    let s = Server::start(b).await;
     s.put_secret(None, "exists", VALUE, &[]);
     let token = s.agent(None, "bot");
     let (st1, body1) = s.resolve(&token, "exists").await;
@@ -117,9 +114,8 @@ async fn not_granted_looks_exactly_like_not_found() {
     assert!(text.contains("\"no_grant\"") && text.contains("\"no_such_secret\""), "{text}");
 }
 
-#[tokio::test]
-async fn disabled_agent_gets_401_and_enable_restores() {
-    let s = Server::start();
+async fn disabled_agent_gets_401_and_enable_restores(b: Backend) {
+    let s = Server::start(b).await;
     s.put_secret(None, "k", VALUE, &[]);
     let token = s.agent(None, "bot");
     s.grant(None, "bot", "k", "reveal", &[]);
@@ -133,9 +129,8 @@ async fn disabled_agent_gets_401_and_enable_restores() {
     assert_eq!(s.resolve(&token, "k").await.0, 200);
 }
 
-#[tokio::test]
-async fn proxy_only_grant_cannot_resolve() {
-    let s = Server::start();
+async fn proxy_only_grant_cannot_resolve(b: Backend) {
+    let s = Server::start(b).await;
     s.put_secret(None, "k", VALUE, &[]);
     let token = s.agent(None, "bot");
     s.grant(None, "bot", "k", "proxy", &[]);
@@ -145,9 +140,8 @@ async fn proxy_only_grant_cannot_resolve() {
     assert!(!body.contains(VALUE));
 }
 
-#[tokio::test]
-async fn expired_grant_is_denied() {
-    let s = Server::start();
+async fn expired_grant_is_denied(b: Backend) {
+    let s = Server::start(b).await;
     s.put_secret(None, "k", VALUE, &[]);
     let token = s.agent(None, "bot");
     s.grant(None, "bot", "k", "reveal", &["--expires", "1s"]);
@@ -161,9 +155,8 @@ async fn expired_grant_is_denied() {
     assert!(!out.status.success());
 }
 
-#[tokio::test]
-async fn rotate_revoke_delete_lifecycle() {
-    let s = Server::start();
+async fn rotate_revoke_delete_lifecycle(b: Backend) {
+    let s = Server::start(b).await;
     s.put_secret(None, "k", "first-value-1", &[]);
     let token = s.agent(None, "bot");
     s.grant(None, "bot", "k", "reveal", &[]);
@@ -185,9 +178,8 @@ async fn rotate_revoke_delete_lifecycle() {
     assert!(s.cli_json(&["grant", "list"])["grants"].as_array().unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn auditor_reads_but_cannot_change() {
-    let s = Server::start();
+async fn auditor_reads_but_cannot_change(b: Backend) {
+    let s = Server::start(b).await;
     s.put_secret(None, "k", VALUE, &[]);
     let tok = s.cli_json(&["token", "create", "reader", "--role", "auditor"]);
     let auditor = tok["token"].as_str().unwrap();
@@ -207,9 +199,8 @@ async fn auditor_reads_but_cannot_change() {
     assert_eq!(s.cli_json(&["secret", "list"])["secrets"].as_array().unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn value_never_leaves_in_clear() {
-    let s = Server::start();
+async fn value_never_leaves_in_clear(b: Backend) {
+    let s = Server::start(b).await;
     let other = "xoxb-SECOND-VALUE-31337-abcdef";
     s.put_secret(None, "openai-prod", VALUE, &["--provider", "openai"]);
     s.put_secret(None, "slack", other, &["--provider", "slack"]);
@@ -234,7 +225,7 @@ async fn value_never_leaves_in_clear() {
     let audit_export = s.cli(&["audit", "--json", "--limit", "1000"]).stdout;
     let mut s = s;
     s.stop(); // flush everything to disk
-    let disk = all_bytes_under(&s.data_dir);
+    let disk = s.stored_bytes().await;
     let wal = std::fs::read(s.data_dir.join("keyward.db-wal")).unwrap_or_default();
     let log = s.server_log();
     let cli = s.transcript.text();
@@ -251,9 +242,8 @@ async fn value_never_leaves_in_clear() {
     assert!(!contains(&disk, &token) && !contains(&disk, &s.admin_token), "token stored in clear");
 }
 
-#[tokio::test]
-async fn tampered_audit_row_is_named_by_verify() {
-    let s = Server::start();
+async fn tampered_audit_row_is_named_by_verify(b: Backend) {
+    let s = Server::start(b).await;
     s.put_secret(None, "k", VALUE, &[]);
     let token = s.agent(None, "bot");
     s.grant(None, "bot", "k", "reveal", &[]);
@@ -264,13 +254,9 @@ async fn tampered_audit_row_is_named_by_verify() {
     assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stderr));
 
     let db = s.db().await;
-    let seq: i64 = sqlx::query_scalar(
-        "SELECT seq FROM audit_events WHERE action = 'secret.resolve' ORDER BY seq LIMIT 1 OFFSET 1",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    sqlx::query("UPDATE audit_events SET outcome = 'denied' WHERE seq = ?").bind(seq).execute(&db).await.unwrap();
+    let seq =
+        db.int("SELECT seq FROM audit_events WHERE action = 'secret.resolve' ORDER BY seq LIMIT 1 OFFSET 1").await;
+    db.exec("UPDATE audit_events SET outcome = 'denied' WHERE seq = ?", vec![Bind::I(seq)]).await;
     db.close().await;
 
     let out = s.cli(&["audit", "verify"]);
@@ -281,13 +267,21 @@ async fn tampered_audit_row_is_named_by_verify() {
     assert_eq!(v["broken_at"], seq);
 }
 
+fn serve_once(s: &Server) -> std::process::Output {
+    let mut c = std::process::Command::new(BIN);
+    c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(&s.data_dir);
+    if let Some(db) = &s.database {
+        c.args(["--database", db]);
+    }
+    c.output().unwrap()
+}
+
 fn ok_json_allow_fail(out: std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-#[tokio::test]
-async fn audit_write_failure_refuses_the_access() {
-    let s = Server::start();
+async fn audit_write_failure_refuses_the_access(b: Backend) {
+    let s = Server::start(b).await;
     s.put_secret(None, "k", VALUE, &[]);
     let token = s.agent(None, "bot");
     s.grant(None, "bot", "k", "reveal", &[]);
@@ -295,18 +289,13 @@ async fn audit_write_failure_refuses_the_access() {
 
     // Inject a fault: every audit insert now fails inside the database.
     let db = s.db().await;
-    sqlx::query(
-        "CREATE TRIGGER audit_fault BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
-    )
-    .execute(&db)
-    .await
-    .unwrap();
+    db.inject_audit_fault().await;
     let (status, body) = s.resolve(&token, "k").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(error_code(&body), "audit_unavailable");
     assert!(!body.contains(VALUE));
 
-    sqlx::query("DROP TRIGGER audit_fault").execute(&db).await.unwrap();
+    db.clear_audit_fault().await;
     db.close().await;
     assert_eq!(s.resolve(&token, "k").await.0, 200, "recovers when the audit trail is writable again");
     assert!(s.cli(&["audit", "verify"]).status.success());
@@ -314,13 +303,13 @@ async fn audit_write_failure_refuses_the_access() {
 
 #[tokio::test]
 async fn read_only_database_refuses_the_access() {
-    let s = Server::start();
+    let s = Server::start(Backend::Sqlite).await;
     s.put_secret(None, "k", VALUE, &[]);
     let token = s.agent(None, "bot");
     s.grant(None, "bot", "k", "reveal", &[]);
     // Another process holds the write lock past the busy timeout: audit
     // writes cannot commit, so nothing is released.
-    let db = s.db().await;
+    let Db::Sqlite(db) = s.db().await else { unreachable!() };
     let mut conn = db.acquire().await.unwrap();
     sqlx::query("BEGIN EXCLUSIVE").execute(&mut *conn).await.unwrap();
     let (status, body) = s.resolve(&token, "k").await;
@@ -332,9 +321,8 @@ async fn read_only_database_refuses_the_access() {
     assert_eq!(s.resolve(&token, "k").await.0, 200);
 }
 
-#[tokio::test]
-async fn tampered_ciphertext_fails_with_integrity_error() {
-    let s = Server::start();
+async fn tampered_ciphertext_fails_with_integrity_error(b: Backend) {
+    let s = Server::start(b).await;
     s.cli_json(&["org", "create", "acme"]);
     s.put_secret(None, "a", "value-a-aaaaaaaa", &[]);
     s.put_secret(None, "b", "value-b-bbbbbbbb", &[]);
@@ -348,24 +336,21 @@ async fn tampered_ciphertext_fails_with_integrity_error() {
     s.grant(Some("acme"), "bot", "a", "reveal", &[]);
 
     let db = s.db().await;
+    let ct_of = "SELECT v.ciphertext FROM secret_versions v JOIN secrets s ON s.id = v.secret_id \
+                 JOIN orgs o ON o.id = s.org_id WHERE s.name = ? AND o.name = ?";
+    let set = "UPDATE secret_versions SET ciphertext = ? WHERE secret_id = \
+               (SELECT s.id FROM secrets s JOIN orgs o ON o.id = s.org_id WHERE s.name = ? AND o.name = ?)";
+    let org = |n: &str| Bind::S(n.to_owned());
     // a: one byte flipped.
-    let ct: Vec<u8> = sqlx::query_scalar("SELECT v.ciphertext FROM secret_versions v JOIN secrets s ON s.id = v.secret_id JOIN orgs o ON o.id = s.org_id WHERE s.name = 'a' AND o.name = 'default'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
-    let mut flipped = ct.clone();
+    let mut flipped = db.bytes(ct_of, vec![org("a"), org("default")]).await;
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x01;
-    let set = "UPDATE secret_versions SET ciphertext = ? WHERE secret_id = (SELECT s.id FROM secrets s JOIN orgs o ON o.id = s.org_id WHERE s.name = ? AND o.name = ?)";
-    sqlx::query(set).bind(&flipped).bind("a").bind("default").execute(&db).await.unwrap();
+    db.exec(set, vec![Bind::B(flipped), org("a"), org("default")]).await;
     // b: c's ciphertext copied over (another secret's row).
-    let ct_c: Vec<u8> = sqlx::query_scalar("SELECT v.ciphertext FROM secret_versions v JOIN secrets s ON s.id = v.secret_id JOIN orgs o ON o.id = s.org_id WHERE s.name = 'c' AND o.name = 'default'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
-    sqlx::query(set).bind(&ct_c).bind("b").bind("default").execute(&db).await.unwrap();
+    let ct_c = db.bytes(ct_of, vec![org("c"), org("default")]).await;
+    db.exec(set, vec![Bind::B(ct_c.clone()), org("b"), org("default")]).await;
     // acme/a: default/c's ciphertext copied into another org.
-    sqlx::query(set).bind(&ct_c).bind("a").bind("acme").execute(&db).await.unwrap();
+    db.exec(set, vec![Bind::B(ct_c), org("a"), org("acme")]).await;
     db.close().await;
 
     for (tok, name) in [(&token, "a"), (&token, "b"), (&acme, "a")] {
@@ -377,9 +362,8 @@ async fn tampered_ciphertext_fails_with_integrity_error() {
     assert_eq!(json(&s.resolve(&token, "c").await.1)["value"], "value-c-cccccccc");
 }
 
-#[tokio::test]
-async fn bad_input_gets_a_json_error_and_stores_nothing() {
-    let s = Server::start();
+async fn bad_input_gets_a_json_error_and_stores_nothing(b: Backend) {
+    let s = Server::start(b).await;
     let agent = s.agent(None, "bot");
     let url = s.url("/v1/orgs/default/secrets");
     let post = |body: String| {
@@ -455,9 +439,8 @@ fn cli_has_no_flag_that_takes_a_value() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-#[tokio::test]
-async fn cli_errors_are_one_line_and_non_zero() {
-    let s = Server::start();
+async fn cli_errors_are_one_line_and_non_zero(b: Backend) {
+    let s = Server::start(b).await;
     let out = s.cli(&["secret", "show", "missing"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -474,10 +457,9 @@ async fn cli_errors_are_one_line_and_non_zero() {
     assert!(!out.status.success());
 }
 
-#[tokio::test]
-async fn passphrase_sealed_server_refuses_until_unsealed() {
+async fn passphrase_sealed_server_refuses_until_unsealed(b: Backend) {
     let pass = "correct horse battery staple";
-    let s = Server::start_with(Opts { passphrase: Some(pass.into()) });
+    let s = Server::start_with(b, Opts { passphrase: Some(pass.into()) }).await;
     let status = ok_json(s.cli_no_token(&["status", "--json"], b""));
     assert_eq!(status["sealed"], true);
     assert_eq!(status["seal"], "passphrase");
@@ -501,55 +483,43 @@ async fn passphrase_sealed_server_refuses_until_unsealed() {
     s.grant(None, "bot", "k", "reveal", &[]);
     assert_eq!(json(&s.resolve(&token, "k").await.1)["value"], VALUE);
     // The wrong attempt is in the trail.
-    let out = s.cli(&["audit", "--action", "sys.unseal", "--json"]);
-    let text = String::from_utf8(out.stdout).unwrap();
-    let _ = text; // unseal events have no org; check through the database instead
+    // Unseal events belong to no organization: read them from the database.
     let db = s.db().await;
-    let outcomes: Vec<String> = sqlx::query_scalar(
-        "SELECT outcome || ':' || COALESCE(reason, '') FROM audit_events WHERE action = 'sys.unseal' ORDER BY seq",
-    )
-    .fetch_all(&db)
-    .await
-    .unwrap();
+    let outcomes = db
+        .strings(
+            "SELECT outcome || ':' || COALESCE(reason, '') FROM audit_events WHERE action = 'sys.unseal' ORDER BY seq",
+        )
+        .await;
+    db.close().await;
     assert_eq!(outcomes, vec!["denied:wrong_passphrase".to_owned(), "allowed:".to_owned()]);
     // The passphrase is stored nowhere.
     let mut s = s;
     s.stop();
-    assert!(!contains(&all_bytes_under(&s.data_dir), pass));
+    assert!(!contains(&s.stored_bytes().await, pass));
     assert!(!s.server_log().contains(pass));
 }
 
-#[tokio::test]
-async fn key_file_readable_by_others_is_refused() {
+async fn key_file_readable_by_others_is_refused(b: Backend) {
     use std::os::unix::fs::PermissionsExt;
-    let mut s = Server::start();
+    let mut s = Server::start(b).await;
     s.stop();
     let key = s.data_dir.join("master.key");
     assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&s.data_dir)
-        .output()
-        .unwrap();
+    let out = serve_once(&s);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("readable by group or others"));
     // A wrong key (another instance's) is refused too.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::remove_file(&key).unwrap();
     keyward_core::seal::create_key_file(&key).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&s.data_dir)
-        .output()
-        .unwrap();
+    let out = serve_once(&s);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not match this database"));
 }
 
-#[tokio::test]
-async fn serves_http2_openapi_health_and_request_ids() {
-    let s = Server::start();
+async fn serves_http2_openapi_health_and_request_ids(b: Backend) {
+    let s = Server::start(b).await;
     let resp = s.http.get(s.url("/healthz")).send().await.unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2, "ALPN offers h2");
     assert!(resp.headers().contains_key("x-request-id"));
@@ -567,9 +537,8 @@ async fn serves_http2_openapi_health_and_request_ids() {
     assert!(reqwest::Client::new().get(s.url("/healthz")).send().await.is_err());
 }
 
-#[tokio::test]
-async fn cli_finds_a_local_server_without_keyward_addr() {
-    let s = Server::start();
+async fn cli_finds_a_local_server_without_keyward_addr(b: Backend) {
+    let s = Server::start(b).await;
     let out = std::process::Command::new(BIN)
         .args(["status", "--json", "--data-dir"])
         .arg(&s.data_dir)
@@ -578,5 +547,38 @@ async fn cli_finds_a_local_server_without_keyward_addr() {
         .output()
         .unwrap();
     let v = ok_json(out);
-    assert_eq!(v["backend"], "sqlite");
+    assert_eq!(v["backend"], if b == Backend::Sqlite { "sqlite" } else { "postgres" });
 }
+
+/// Every end-to-end test above runs once per store.
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Sqlite).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Postgres).await } )*
+        }
+    };
+}
+
+on_every_store!(
+    walkthrough_put_agent_grant_resolve_audit,
+    organizations_are_isolated,
+    not_granted_looks_exactly_like_not_found,
+    disabled_agent_gets_401_and_enable_restores,
+    proxy_only_grant_cannot_resolve,
+    expired_grant_is_denied,
+    rotate_revoke_delete_lifecycle,
+    auditor_reads_but_cannot_change,
+    value_never_leaves_in_clear,
+    tampered_audit_row_is_named_by_verify,
+    audit_write_failure_refuses_the_access,
+    tampered_ciphertext_fails_with_integrity_error,
+    bad_input_gets_a_json_error_and_stores_nothing,
+    cli_errors_are_one_line_and_non_zero,
+    passphrase_sealed_server_refuses_until_unsealed,
+    key_file_readable_by_others_is_refused,
+    serves_http2_openapi_health_and_request_ids,
+    cli_finds_a_local_server_without_keyward_addr,
+);

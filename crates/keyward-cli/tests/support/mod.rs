@@ -25,7 +25,18 @@ impl Transcript {
     }
 }
 
+/// Which store a test server runs on: every end-to-end test runs on both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
 pub struct Server {
+    pub backend: Backend,
+    /// `--database` URL for PostgreSQL servers (a schema of their own).
+    pub database: Option<String>,
+    pub pg: Option<keyward_store::testing::TestSchema>,
     pub tmp: tempfile::TempDir,
     pub data_dir: PathBuf,
     pub addr: String,
@@ -42,16 +53,26 @@ pub struct Opts {
 }
 
 impl Server {
-    pub fn start() -> Self {
-        Self::start_with(Opts { passphrase: None })
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, Opts { passphrase: None }).await
     }
 
-    pub fn start_with(opts: Opts) -> Self {
+    pub async fn start_with(backend: Backend, opts: Opts) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().join("kw");
         let transcript = Transcript::default();
+        let pg = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                Some(keyward_store::testing::TestSchema::create().await.expect("PostgreSQL explicitly skipped"))
+            }
+        };
+        let database = pg.as_ref().map(|p| p.url.clone());
         let mut init = Command::new(BIN);
         init.args(["init", "--json", "--data-dir"]).arg(&data_dir);
+        if let Some(db) = &database {
+            init.args(["--database", db]);
+        }
         let out = match &opts.passphrase {
             Some(p) => {
                 init.args(["--seal", "passphrase"]).env("KEYWARD_INSECURE_FAST_KDF", "1");
@@ -66,6 +87,9 @@ impl Server {
         let ca = PathBuf::from(report["ca_cert"].as_str().unwrap());
         let ca = if ca.is_absolute() { ca } else { std::env::current_dir().unwrap().join(ca) };
         let mut s = Server {
+            backend,
+            database,
+            pg,
             log: tmp.path().join("server.log"),
             tmp,
             data_dir,
@@ -83,14 +107,12 @@ impl Server {
     /// Starts (or restarts) the server process on a fresh port.
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&self.data_dir)
-            .env("KEYWARD_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(&self.data_dir);
+        if let Some(db) = &self.database {
+            cmd.args(["--database", db]);
+        }
+        let mut child = cmd.env("KEYWARD_LOG", "debug").stdout(Stdio::piped()).stderr(log).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -220,12 +242,158 @@ impl Server {
         self.data_dir.join("keyward.db")
     }
 
-    /// A second connection to the server's SQLite database, as an attacker
-    /// with file access (or a fault injector) would have.
-    pub async fn db(&self) -> sqlx::SqlitePool {
-        let opts =
-            sqlx::sqlite::SqliteConnectOptions::new().filename(self.db_path()).busy_timeout(Duration::from_secs(5));
-        sqlx::SqlitePool::connect_with(opts).await.unwrap()
+    /// A second connection to the server's database, as an attacker with
+    /// database access (or a fault injector) would have.
+    pub async fn db(&self) -> Db {
+        match &self.database {
+            None => {
+                let opts = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(self.db_path())
+                    .busy_timeout(Duration::from_secs(5));
+                Db::Sqlite(sqlx::SqlitePool::connect_with(opts).await.unwrap())
+            }
+            Some(url) => Db::Pg(sqlx::PgPool::connect(url).await.unwrap()),
+        }
+    }
+
+    /// Everything the server stored: the data dir's files, and for
+    /// PostgreSQL every row of every table as text.
+    pub async fn stored_bytes(&self) -> Vec<u8> {
+        let mut out = all_bytes_under(&self.data_dir);
+        if let Db::Pg(pool) = self.db().await {
+            let tables: Vec<String> =
+                sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema()")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            assert!(tables.len() >= 8, "expected keyward's tables, found {tables:?}");
+            for t in tables {
+                let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT t::text FROM {t} t")))
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+                for r in rows {
+                    out.extend_from_slice(r.as_bytes());
+                }
+            }
+            pool.close().await;
+        }
+        out
+    }
+}
+
+pub enum Bind {
+    I(i64),
+    S(String),
+    B(Vec<u8>),
+}
+
+/// Direct database access for tests, on either store. SQL is written with
+/// `?` placeholders and translated for PostgreSQL.
+pub enum Db {
+    Sqlite(sqlx::SqlitePool),
+    Pg(sqlx::PgPool),
+}
+
+fn pg_sql(sql: &str) -> String {
+    let mut n = 0;
+    sql.chars()
+        .map(|c| {
+            if c == '?' {
+                n += 1;
+                format!("${n}")
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+macro_rules! bind_all {
+    ($q:expr, $binds:expr) => {{
+        let mut q = $q;
+        for b in $binds {
+            q = match b {
+                Bind::I(i) => q.bind(i),
+                Bind::S(s) => q.bind(s),
+                Bind::B(b) => q.bind(b),
+            };
+        }
+        q
+    }};
+}
+
+impl Db {
+    fn sql(&self, sql: &str) -> sqlx::AssertSqlSafe<String> {
+        match self {
+            Db::Sqlite(_) => sqlx::AssertSqlSafe(sql.to_owned()),
+            Db::Pg(_) => sqlx::AssertSqlSafe(pg_sql(sql)),
+        }
+    }
+
+    pub async fn exec(&self, sql: &str, binds: Vec<Bind>) {
+        match self {
+            Db::Sqlite(p) => {
+                bind_all!(sqlx::query(self.sql(sql)), binds).execute(p).await.unwrap();
+            }
+            Db::Pg(p) => {
+                bind_all!(sqlx::query(self.sql(sql)), binds).execute(p).await.unwrap();
+            }
+        }
+    }
+
+    pub async fn bytes(&self, sql: &str, binds: Vec<Bind>) -> Vec<u8> {
+        match self {
+            Db::Sqlite(p) => bind_all!(sqlx::query_scalar(self.sql(sql)), binds).fetch_one(p).await.unwrap(),
+            Db::Pg(p) => bind_all!(sqlx::query_scalar(self.sql(sql)), binds).fetch_one(p).await.unwrap(),
+        }
+    }
+
+    pub async fn int(&self, sql: &str) -> i64 {
+        match self {
+            Db::Sqlite(p) => sqlx::query_scalar(self.sql(sql)).fetch_one(p).await.unwrap(),
+            Db::Pg(p) => sqlx::query_scalar(self.sql(sql)).fetch_one(p).await.unwrap(),
+        }
+    }
+
+    pub async fn strings(&self, sql: &str) -> Vec<String> {
+        match self {
+            Db::Sqlite(p) => sqlx::query_scalar(self.sql(sql)).fetch_all(p).await.unwrap(),
+            Db::Pg(p) => sqlx::query_scalar(self.sql(sql)).fetch_all(p).await.unwrap(),
+        }
+    }
+
+    /// Makes every audit insert fail inside the database.
+    pub async fn inject_audit_fault(&self) {
+        match self {
+            Db::Sqlite(_) => {
+                let t = "CREATE TRIGGER audit_fault BEFORE INSERT ON audit_events \
+                         BEGIN SELECT RAISE(ABORT, 'injected fault'); END";
+                self.exec(t, vec![]).await
+            }
+            Db::Pg(_) => {
+                let f = "CREATE FUNCTION audit_fault() RETURNS trigger AS $f$ \
+                         BEGIN RAISE EXCEPTION 'injected fault'; END $f$ LANGUAGE plpgsql";
+                self.exec(f, vec![]).await;
+                let t = "CREATE TRIGGER audit_fault BEFORE INSERT ON audit_events \
+                         FOR EACH ROW EXECUTE FUNCTION audit_fault()";
+                self.exec(t, vec![]).await;
+            }
+        }
+    }
+
+    pub async fn clear_audit_fault(&self) {
+        match self {
+            Db::Sqlite(_) => self.exec("DROP TRIGGER audit_fault", vec![]).await,
+            Db::Pg(_) => self.exec("DROP TRIGGER audit_fault ON audit_events", vec![]).await,
+        }
+    }
+
+    pub async fn close(self) {
+        match self {
+            Db::Sqlite(p) => p.close().await,
+            Db::Pg(p) => p.close().await,
+        }
     }
 }
 
