@@ -459,7 +459,7 @@ async fn cli_errors_are_one_line_and_non_zero(b: Backend) {
 
 async fn passphrase_sealed_server_refuses_until_unsealed(b: Backend) {
     let pass = "correct horse battery staple";
-    let s = Server::start_with(b, Opts { passphrase: Some(pass.into()) }).await;
+    let s = Server::start_with(b, Opts { passphrase: Some(pass.into()), ..Opts::default() }).await;
     let status = ok_json(s.cli_no_token(&["status", "--json"], b""));
     assert_eq!(status["sealed"], true);
     assert_eq!(status["seal"], "passphrase");

@@ -48,13 +48,49 @@ pub struct Server {
     pub http: reqwest::Client,
 }
 
+#[derive(Default)]
 pub struct Opts {
     pub passphrase: Option<String>,
+    /// A database URL of the test's own (instead of a fresh schema).
+    pub database: Option<String>,
+}
+
+/// A second server process sharing the first one's data dir and database.
+pub struct Replica {
+    pub child: Child,
+    pub addr: String,
+    pub http: reqwest::Client,
+}
+
+impl Replica {
+    pub async fn resolve(&self, token: &str, secret: &str) -> (u16, String) {
+        resolve_at(&self.http, &self.addr, token, secret).await
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET /v1/resolve/{secret}` as an agent: (status, body text).
+pub async fn resolve_at(http: &reqwest::Client, addr: &str, token: &str, secret: &str) -> (u16, String) {
+    let resp = http
+        .get(format!("{addr}/v1/resolve/{secret}"))
+        .bearer_auth(token)
+        .header("X-Keyward-Purpose", "test purpose")
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
 }
 
 impl Server {
     pub async fn start(backend: Backend) -> Self {
-        Self::start_with(backend, Opts { passphrase: None }).await
+        Self::start_with(backend, Opts::default()).await
     }
 
     pub async fn start_with(backend: Backend, opts: Opts) -> Self {
@@ -63,11 +99,12 @@ impl Server {
         let transcript = Transcript::default();
         let pg = match backend {
             Backend::Sqlite => None,
+            Backend::Postgres if opts.database.is_some() => None,
             Backend::Postgres => {
                 Some(keyward_store::testing::TestSchema::create().await.expect("PostgreSQL explicitly skipped"))
             }
         };
-        let database = pg.as_ref().map(|p| p.url.clone());
+        let database = opts.database.clone().or_else(|| pg.as_ref().map(|p| p.url.clone()));
         let mut init = Command::new(BIN);
         init.args(["init", "--json", "--data-dir"]).arg(&data_dir);
         if let Some(db) = &database {
@@ -106,6 +143,20 @@ impl Server {
 
     /// Starts (or restarts) the server process on a fresh port.
     pub fn spawn(&mut self) {
+        let (child, addr) = self.spawn_process();
+        self.addr = addr;
+        self.child = Some(child);
+        self.http = self.client();
+    }
+
+    /// Starts one more `keyward serve` on the same data dir and database:
+    /// a replica behind the same (imaginary) load balancer.
+    pub fn replica(&self) -> Replica {
+        let (child, addr) = self.spawn_process();
+        Replica { child, addr, http: self.client() }
+    }
+
+    fn spawn_process(&self) -> (Child, String) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(&self.data_dir);
@@ -125,9 +176,7 @@ impl Server {
         let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
             panic!("server did not start; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default())
         });
-        self.addr = addr;
-        self.child = Some(child);
-        self.http = self.client();
+        (child, addr)
     }
 
     pub fn stop(&mut self) {
@@ -222,16 +271,7 @@ impl Server {
 
     /// `GET /v1/resolve/{secret}` as an agent: (status, body text).
     pub async fn resolve(&self, token: &str, secret: &str) -> (u16, String) {
-        let resp = self
-            .http
-            .get(self.url(&format!("/v1/resolve/{secret}")))
-            .bearer_auth(token)
-            .header("X-Keyward-Purpose", "test purpose")
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.text().await.unwrap())
+        resolve_at(&self.http, &self.addr, token, secret).await
     }
 
     pub fn server_log(&self) -> String {
