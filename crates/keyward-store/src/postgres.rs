@@ -43,7 +43,9 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::Other(format!("database URL: {e}")))?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
+            // Fail fast when the database is gone: the request is refused
+            // (503) rather than left waiting.
+            .acquire_timeout(Duration::from_secs(2))
             .connect_with(options.clone())
             .await
             .map_err(map_err)?;
