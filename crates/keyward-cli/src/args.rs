@@ -63,6 +63,28 @@ pub enum Command {
     Grant(GrantCmd),
     /// Query and verify the audit trail.
     Audit(AuditArgs),
+    /// Online, consistent backup of a SQLite store to FILE (ciphertext only:
+    /// keep the master key file apart from it).
+    Backup {
+        file: PathBuf,
+        /// Database URL (default: sqlite://DATA_DIR/keyward.db).
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// Load a backup FILE into an empty store (default: DATA_DIR's SQLite).
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// Copy everything (ids, versions, grants, tokens, audit chain) from one
+    /// store into another, empty one. Stop the servers using --from first.
+    MigrateStore {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]

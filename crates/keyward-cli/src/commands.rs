@@ -97,6 +97,58 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Agent(cmd) => agent(&Client::new(&conn)?, cmd, json).await,
         Command::Grant(cmd) => grant(&Client::new(&conn)?, cmd, json).await,
         Command::Audit(a) => audit(&Client::new(&conn)?, a, json).await,
+        Command::Backup { file, database } => {
+            let cfg = server_config(&conn, &ServerOpts { database, ..ServerOpts::default() })?;
+            keyward_store::backup_sqlite(&cfg.database_url(), &file).await.map_err(setup)?;
+            if json {
+                print_json(&json!({"backup": file}));
+            } else {
+                println!(
+                    "backed up {} to {} (ciphertext only; keep the master key file apart)",
+                    cfg.database_url(),
+                    file.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Restore { file, database } => {
+            let cfg = server_config(&conn, &ServerOpts { database, ..ServerOpts::default() })?;
+            let report = datadir::restore(&cfg, &file).await.map_err(setup)?;
+            print_copy(
+                &report,
+                json,
+                &format!("restored {} into {}", file.display(), datadir::redact_url(&cfg.database_url())),
+            )
+        }
+        Command::MigrateStore { from, to } => {
+            let report = datadir::copy_between(&from, &to).await.map_err(setup)?;
+            let what = format!("copied {} into {}", datadir::redact_url(&from), datadir::redact_url(&to));
+            print_copy(&report, json, &what)
+        }
+    }
+}
+
+fn print_copy(report: &keyward_store::CopyReport, json: bool, what: &str) -> Result<(), CliError> {
+    if json {
+        print_json(&serde_json::to_value(report).expect("json"));
+    } else {
+        println!("{what}");
+        for (table, n) in &report.counts {
+            println!("  {table:<16} {n}");
+        }
+        println!(
+            "  audit chain: {} events, {}",
+            report.audit.events,
+            if report.audit.ok { "verified" } else { "BROKEN" }
+        );
+    }
+    if report.audit.ok {
+        Ok(())
+    } else {
+        Err(CliError::AuditBroken {
+            seq: report.audit.broken_at.unwrap_or(-1),
+            problem: report.audit.problem.clone().unwrap_or_default(),
+        })
     }
 }
 
@@ -182,6 +234,7 @@ async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
         let report = datadir::initialize(&cfg, seal_choice(a.seal)?).await.map_err(setup)?;
         print_init_banner(&report);
     }
+    datadir::ensure_tls(&cfg).map_err(setup)?;
     let vault = datadir::open_vault(&cfg).await.map_err(setup)?;
     let (cert, key) = datadir::tls_paths(&cfg);
     let tls = keyward_server::tls::server_config(&cert, &key).map_err(setup)?;

@@ -26,6 +26,20 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Everything a store holds except the audit trail, for backup, restore and
+/// moving between stores. Holds ciphertext and hashes only.
+#[derive(Default, Clone)]
+pub struct StateSnapshot {
+    pub meta: Vec<(String, String)>,
+    pub orgs: Vec<OrgRecord>,
+    pub secrets: Vec<Secret>,
+    pub versions: Vec<SecretVersion>,
+    pub agents: Vec<Agent>,
+    pub agent_tokens: Vec<AgentToken>,
+    pub grants: Vec<Grant>,
+    pub user_tokens: Vec<UserToken>,
+}
+
 /// Filters for reading the audit trail, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
@@ -112,4 +126,15 @@ pub trait Store: Send + Sync + 'static {
     async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
     /// Events with `seq > after_seq` in ascending order, for verification.
     async fn audit_page(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<AuditRecord>>;
+
+    // Moving data between stores.
+    /// Every table but the audit trail, read in one transaction.
+    async fn export_state(&self) -> StoreResult<StateSnapshot>;
+    /// Loads a snapshot into an empty store in one transaction (`Duplicate`
+    /// if the store holds data).
+    async fn import_state(&self, snapshot: &StateSnapshot) -> StoreResult<()>;
+    /// Appends audit records verbatim (sequence numbers and hashes kept).
+    async fn import_audit(&self, records: &[AuditRecord]) -> StoreResult<()>;
+    /// Row count of every table, by table name.
+    async fn table_counts(&self) -> StoreResult<Vec<(&'static str, i64)>>;
 }

@@ -165,6 +165,45 @@ pub async fn initialize(cfg: &ServeConfig, choice: SealChoice) -> Result<InitRep
     })
 }
 
+/// Generates the local CA and server certificate if they are missing (a
+/// restored or migrated instance, a replica on a new machine).
+pub fn ensure_tls(cfg: &ServeConfig) -> Result<(), SetupError> {
+    if uses_generated_tls(cfg) {
+        let dir = DataDir::new(cfg.data_dir());
+        if !dir.tls_dir().join("server.pem").exists() {
+            dir.ensure_dirs()?;
+            if !dir.ca_cert().exists() {
+                tls::generate(&dir.tls_dir())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads a backup file into the (empty) store of `cfg`.
+pub async fn restore(cfg: &ServeConfig, backup: &Path) -> Result<keyward_store::CopyReport, SetupError> {
+    if !backup.is_file() {
+        return Err(SetupError::Other(format!("{}: no such backup file", backup.display())));
+    }
+    DataDir::new(cfg.data_dir()).ensure_dirs()?;
+    copy_between(&format!("sqlite://{}", backup.display()), &cfg.database_url()).await
+}
+
+/// Copies one store into another, empty one.
+pub async fn copy_between(from: &str, to: &str) -> Result<keyward_store::CopyReport, SetupError> {
+    if let Some(path) = from.strip_prefix("sqlite://")
+        && !Path::new(path).is_file()
+    {
+        return Err(SetupError::Other(format!("{path}: no such database")));
+    }
+    let source = keyward_store::open(from).await?;
+    if !Vault::is_initialized(source.as_ref()).await? {
+        return Err(SetupError::Other(format!("{} holds no initialised keyward store", redact_url(from))));
+    }
+    let target = keyward_store::open(to).await?;
+    Ok(keyward_store::copy_store(source.as_ref(), target.as_ref()).await?)
+}
+
 /// Opens an initialised instance for serving.
 pub async fn open_vault(cfg: &ServeConfig) -> Result<Arc<Vault>, SetupError> {
     let dir = DataDir::new(cfg.data_dir());

@@ -3,6 +3,7 @@
 //! plaintext value (only ciphertext and token hashes).
 #![forbid(unsafe_code)]
 
+mod copy;
 mod migrate;
 mod postgres;
 mod rows;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use keyward_core::store::{Store, StoreError};
 
+pub use copy::{CopyReport, copy_store};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -30,6 +32,23 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
         "unsupported database URL scheme in `{}`; use sqlite://PATH or postgres://USER@HOST/DB",
         url.split("://").next().unwrap_or("")
     )))
+}
+
+/// An online, consistent copy of a SQLite store (`VACUUM INTO`), mode 0600.
+/// PostgreSQL is backed up with its own tools (`pg_dump`).
+pub async fn backup_sqlite(url: &str, file: &std::path::Path) -> Result<(), StoreError> {
+    let path = url.strip_prefix("sqlite://").ok_or_else(|| {
+        StoreError::Other(
+            "`keyward backup` writes SQLite stores; back up PostgreSQL with pg_dump (see the README)".into(),
+        )
+    })?;
+    if file.exists() {
+        return Err(StoreError::Other(format!("{} already exists; choose a new file", file.display())));
+    }
+    if !std::path::Path::new(path).exists() {
+        return Err(StoreError::Other(format!("no database at {path}")));
+    }
+    SqliteStore::open(std::path::Path::new(path)).await?.backup_to(file).await
 }
 
 pub(crate) fn map_err(e: sqlx::Error) -> StoreError {

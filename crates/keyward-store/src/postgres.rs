@@ -18,11 +18,11 @@ use tokio::sync::broadcast;
 
 use keyward_core::audit::{Actor, AuditDraft, AuditRecord, GENESIS_HASH, Outcome, chain_batch, from_micros};
 use keyward_core::model::*;
-use keyward_core::store::{AuditQuery, Store, StoreError, StoreResult};
+use keyward_core::store::{AuditQuery, StateSnapshot, Store, StoreError, StoreResult};
 
 use crate::map_err;
 use crate::migrate::{self, Migration};
-use crate::rows::{corrupt, hash32, micros, opt_micros};
+use crate::rows::{TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
 
 const MIGRATIONS: &[Migration] =
     &[Migration { version: 1, name: "init", sql: include_str!("../migrations/postgres/0001_init.sql") }];
@@ -123,6 +123,7 @@ async fn notify(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> StoreResult<(
 }
 
 crate::rows::row_mappers!(PgRow);
+crate::rows::row_writers!(sqlx::PgConnection, PgRow);
 
 const AUDIT_COLUMNS: &str = "seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, secret_id, \
      secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, request_id, prev_hash, hash";
@@ -156,14 +157,10 @@ impl Store for PgStore {
     }
 
     async fn create_org(&self, org: &OrgRecord) -> StoreResult<()> {
-        sqlx::query("INSERT INTO orgs (id, name, wrapped_key, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(&org.org.id)
-            .bind(&org.org.name)
-            .bind(&org.wrapped_key)
-            .bind(micros(org.org.created_at))
-            .exec_notify(&self.pool)
-            .await?;
-        Ok(())
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        insert_org(&mut tx, org).await?;
+        notify(&mut tx).await?;
+        tx.commit().await.map_err(map_err)
     }
 
     async fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRecord>> {
@@ -191,23 +188,7 @@ impl Store for PgStore {
 
     async fn create_secret(&self, s: &Secret, v: &SecretVersion) -> StoreResult<()> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        sqlx::query(
-            "INSERT INTO secrets (id, org_id, name, provider, upstream, description, tags, expires_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(&s.id)
-        .bind(&s.org_id)
-        .bind(&s.name)
-        .bind(&s.provider)
-        .bind(&s.upstream)
-        .bind(&s.description)
-        .bind(serde_json::to_string(&s.tags).expect("tags serialize"))
-        .bind(opt_micros(s.expires_at))
-        .bind(micros(s.created_at))
-        .bind(micros(s.updated_at))
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+        insert_secret(&mut tx, s).await?;
         insert_version(&mut tx, v).await?;
         notify(&mut tx).await?;
         tx.commit().await.map_err(map_err)
@@ -305,30 +286,8 @@ impl Store for PgStore {
 
     async fn create_agent(&self, a: &Agent, t: &AgentToken) -> StoreResult<()> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        sqlx::query(
-            "INSERT INTO agents (id, org_id, name, description, disabled, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&a.id)
-        .bind(&a.org_id)
-        .bind(&a.name)
-        .bind(&a.description)
-        .bind(a.disabled)
-        .bind(micros(a.created_at))
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        sqlx::query(
-            "INSERT INTO agent_tokens (id, agent_id, hash, created_at, expires_at, revoked) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&t.id)
-        .bind(&t.agent_id)
-        .bind(&t.hash[..])
-        .bind(micros(t.created_at))
-        .bind(opt_micros(t.expires_at))
-        .bind(t.revoked)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+        insert_agent(&mut tx, a).await?;
+        insert_agent_token(&mut tx, t).await?;
         notify(&mut tx).await?;
         tx.commit().await.map_err(map_err)
     }
@@ -376,24 +335,10 @@ impl Store for PgStore {
     }
 
     async fn put_grant(&self, g: &Grant) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO grants (id, org_id, agent_id, secret_id, mode_proxy, mode_reveal, expires_at, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (agent_id, secret_id) DO UPDATE SET \
-               mode_proxy = excluded.mode_proxy, mode_reveal = excluded.mode_reveal, \
-               expires_at = excluded.expires_at, created_at = excluded.created_at",
-        )
-        .bind(&g.id)
-        .bind(&g.org_id)
-        .bind(&g.agent_id)
-        .bind(&g.secret_id)
-        .bind(g.modes.proxy)
-        .bind(g.modes.reveal)
-        .bind(opt_micros(g.expires_at))
-        .bind(micros(g.created_at))
-        .exec_notify(&self.pool)
-        .await?;
-        Ok(())
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        upsert_grant(&mut tx, g).await?;
+        notify(&mut tx).await?;
+        tx.commit().await.map_err(map_err)
     }
 
     async fn find_grant(&self, agent_id: &str, secret_id: &str) -> StoreResult<Option<Grant>> {
@@ -437,16 +382,10 @@ impl Store for PgStore {
     }
 
     async fn create_user_token(&self, t: &UserToken) -> StoreResult<()> {
-        sqlx::query("INSERT INTO user_tokens (id, org_id, name, role, hash, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
-            .bind(&t.id)
-            .bind(&t.org_id)
-            .bind(&t.name)
-            .bind(t.role.as_str())
-            .bind(&t.hash[..])
-            .bind(micros(t.created_at))
-            .bind(opt_micros(t.expires_at))
-            .exec_notify(&self.pool).await?;
-        Ok(())
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        insert_user_token(&mut tx, t).await?;
+        notify(&mut tx).await?;
+        tx.commit().await.map_err(map_err)
     }
 
     async fn user_token_by_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<UserToken>> {
@@ -472,34 +411,7 @@ impl Store for PgStore {
         };
         let records = chain_batch(last_seq, last_hash, batch);
         for r in &records {
-            let e = &r.event;
-            sqlx::query(
-                "INSERT INTO audit_events (seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, \
-                 secret_id, secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, request_id, \
-                 prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
-            )
-            .bind(r.seq)
-            .bind(micros(e.time))
-            .bind(&e.org_id)
-            .bind(&e.actor.kind)
-            .bind(&e.actor.id)
-            .bind(&e.actor.name)
-            .bind(&e.actor.token_id)
-            .bind(&e.action)
-            .bind(&e.secret_id)
-            .bind(&e.secret_name)
-            .bind(e.secret_version)
-            .bind(&e.purpose)
-            .bind(&e.source_ip)
-            .bind(&e.user_agent)
-            .bind(e.outcome.as_str())
-            .bind(&e.reason)
-            .bind(&e.request_id)
-            .bind(&r.prev_hash[..])
-            .bind(&r.hash[..])
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+            insert_audit(&mut tx, r).await?;
         }
         tx.commit().await.map_err(map_err)?;
         Ok(records)
@@ -542,22 +454,31 @@ impl Store for PgStore {
             .map_err(map_err)?;
         rows.iter().map(audit_from).collect()
     }
-}
 
-async fn insert_version(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, v: &SecretVersion) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO secret_versions (secret_id, version, state, ciphertext, fingerprint, created_at, revoked_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(&v.secret_id)
-    .bind(v.version)
-    .bind(v.state.as_str())
-    .bind(&v.ciphertext)
-    .bind(&v.fingerprint)
-    .bind(micros(v.created_at))
-    .bind(opt_micros(v.revoked_at))
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    Ok(())
+    async fn export_state(&self) -> StoreResult<StateSnapshot> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let s = export_state_from(&mut tx).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(s)
+    }
+
+    async fn import_state(&self, snapshot: &StateSnapshot) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        import_state_into(&mut tx, snapshot).await?;
+        notify(&mut tx).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn import_audit(&self, records: &[AuditRecord]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        for r in records {
+            insert_audit(&mut tx, r).await?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn table_counts(&self) -> StoreResult<Vec<(&'static str, i64)>> {
+        let mut c = self.pool.acquire().await.map_err(map_err)?;
+        table_counts(&mut c).await
+    }
 }

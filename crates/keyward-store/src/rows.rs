@@ -150,3 +150,254 @@ pub(crate) fn hash32(v: Vec<u8>) -> StoreResult<[u8; 32]> {
 pub(crate) fn corrupt(e: sqlx::Error) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
+
+/// Row writers and whole-store export/import shared by the stores. The SQL
+/// uses `$N` placeholders, which SQLite also accepts (numbered in order of
+/// first appearance) and PostgreSQL requires.
+macro_rules! row_writers {
+    ($conn:ty, $row:ty) => {
+        async fn insert_org(c: &mut $conn, org: &OrgRecord) -> StoreResult<()> {
+            sqlx::query("INSERT INTO orgs (id, name, wrapped_key, created_at) VALUES ($1, $2, $3, $4)")
+                .bind(&org.org.id)
+                .bind(&org.org.name)
+                .bind(&org.wrapped_key)
+                .bind(micros(org.org.created_at))
+                .execute(&mut *c)
+                .await
+                .map_err(map_err)?;
+            Ok(())
+        }
+
+        async fn insert_secret(c: &mut $conn, s: &Secret) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO secrets (id, org_id, name, provider, upstream, description, tags, expires_at, \
+                 created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(&s.id)
+            .bind(&s.org_id)
+            .bind(&s.name)
+            .bind(&s.provider)
+            .bind(&s.upstream)
+            .bind(&s.description)
+            .bind(serde_json::to_string(&s.tags).expect("tags serialize"))
+            .bind(opt_micros(s.expires_at))
+            .bind(micros(s.created_at))
+            .bind(micros(s.updated_at))
+            .execute(&mut *c)
+            .await
+            .map_err(map_err)?;
+            Ok(())
+        }
+
+        async fn insert_version(c: &mut $conn, v: &SecretVersion) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO secret_versions (secret_id, version, state, ciphertext, fingerprint, created_at, \
+                 revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&v.secret_id)
+            .bind(v.version)
+            .bind(v.state.as_str())
+            .bind(&v.ciphertext)
+            .bind(&v.fingerprint)
+            .bind(micros(v.created_at))
+            .bind(opt_micros(v.revoked_at))
+            .execute(&mut *c)
+            .await
+            .map_err(map_err)?;
+            Ok(())
+        }
+
+        async fn insert_agent(c: &mut $conn, a: &Agent) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO agents (id, org_id, name, description, disabled, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&a.id)
+            .bind(&a.org_id)
+            .bind(&a.name)
+            .bind(&a.description)
+            .bind(a.disabled)
+            .bind(micros(a.created_at))
+            .execute(&mut *c)
+            .await
+            .map_err(map_err)?;
+            Ok(())
+        }
+
+        async fn insert_agent_token(c: &mut $conn, t: &AgentToken) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO agent_tokens (id, agent_id, hash, created_at, expires_at, revoked) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&t.id)
+            .bind(&t.agent_id)
+            .bind(&t.hash[..])
+            .bind(micros(t.created_at))
+            .bind(opt_micros(t.expires_at))
+            .bind(t.revoked)
+            .execute(&mut *c)
+            .await
+            .map_err(map_err)?;
+            Ok(())
+        }
+
+        /// Inserts, or replaces the grant for the same (agent, secret).
+        async fn upsert_grant(c: &mut $conn, g: &Grant) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO grants (id, org_id, agent_id, secret_id, mode_proxy, mode_reveal, expires_at, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (agent_id, secret_id) DO UPDATE SET \
+                   mode_proxy = excluded.mode_proxy, mode_reveal = excluded.mode_reveal, \
+                   expires_at = excluded.expires_at, created_at = excluded.created_at",
+            )
+            .bind(&g.id)
+            .bind(&g.org_id)
+            .bind(&g.agent_id)
+            .bind(&g.secret_id)
+            .bind(g.modes.proxy)
+            .bind(g.modes.reveal)
+            .bind(opt_micros(g.expires_at))
+            .bind(micros(g.created_at))
+            .execute(&mut *c)
+            .await
+            .map_err(map_err)?;
+            Ok(())
+        }
+
+        async fn insert_user_token(c: &mut $conn, t: &UserToken) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO user_tokens (id, org_id, name, role, hash, created_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&t.id)
+            .bind(&t.org_id)
+            .bind(&t.name)
+            .bind(t.role.as_str())
+            .bind(&t.hash[..])
+            .bind(micros(t.created_at))
+            .bind(opt_micros(t.expires_at))
+            .execute(&mut *c)
+            .await
+            .map_err(map_err)?;
+            Ok(())
+        }
+
+        async fn insert_audit(c: &mut $conn, r: &AuditRecord) -> StoreResult<()> {
+            let e = &r.event;
+            sqlx::query(
+                "INSERT INTO audit_events (seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, \
+                 secret_id, secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, request_id, \
+                 prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                 $18, $19)",
+            )
+            .bind(r.seq)
+            .bind(micros(e.time))
+            .bind(&e.org_id)
+            .bind(&e.actor.kind)
+            .bind(&e.actor.id)
+            .bind(&e.actor.name)
+            .bind(&e.actor.token_id)
+            .bind(&e.action)
+            .bind(&e.secret_id)
+            .bind(&e.secret_name)
+            .bind(e.secret_version)
+            .bind(&e.purpose)
+            .bind(&e.source_ip)
+            .bind(&e.user_agent)
+            .bind(e.outcome.as_str())
+            .bind(&e.reason)
+            .bind(&e.request_id)
+            .bind(&r.prev_hash[..])
+            .bind(&r.hash[..])
+            .execute(&mut *c)
+            .await
+            .map_err(map_err)?;
+            Ok(())
+        }
+
+        /// Everything but the audit trail, read in one transaction.
+        async fn export_state_from(c: &mut $conn) -> StoreResult<StateSnapshot> {
+            async fn all(c: &mut $conn, sql: &'static str) -> StoreResult<Vec<$row>> {
+                sqlx::query(sql).fetch_all(&mut *c).await.map_err(map_err)
+            }
+            let mut s = StateSnapshot::default();
+            for r in all(c, "SELECT key, value FROM meta ORDER BY key").await? {
+                s.meta.push((r.try_get("key").map_err(corrupt)?, r.try_get("value").map_err(corrupt)?));
+            }
+            s.orgs = all(c, "SELECT * FROM orgs ORDER BY created_at, id").await?.iter().map(org_from).collect::<Result<_, _>>()?;
+            s.secrets = all(c, "SELECT * FROM secrets ORDER BY created_at, id").await?.iter().map(secret_from).collect::<Result<_, _>>()?;
+            s.versions = all(c, "SELECT * FROM secret_versions ORDER BY secret_id, version").await?.iter().map(version_from).collect::<Result<_, _>>()?;
+            s.agents = all(c, "SELECT * FROM agents ORDER BY created_at, id").await?.iter().map(agent_from).collect::<Result<_, _>>()?;
+            s.agent_tokens = all(
+                c,
+                "SELECT a.*, t.id AS t_id, t.hash AS t_hash, t.created_at AS t_created_at, \
+                 t.expires_at AS t_expires_at, t.revoked AS t_revoked \
+                 FROM agent_tokens t JOIN agents a ON a.id = t.agent_id ORDER BY t.created_at, t.id",
+            )
+            .await?
+            .iter()
+            .map(|r| agent_with_token_from(r).map(|(_, t)| t))
+            .collect::<Result<_, _>>()?;
+            s.grants = all(c, "SELECT * FROM grants ORDER BY created_at, id").await?.iter().map(grant_from).collect::<Result<_, _>>()?;
+            s.user_tokens = all(c, "SELECT * FROM user_tokens ORDER BY created_at, id").await?.iter().map(user_token_from).collect::<Result<_, _>>()?;
+            Ok(s)
+        }
+
+        async fn import_state_into(c: &mut $conn, s: &StateSnapshot) -> StoreResult<()> {
+            let existing: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orgs").fetch_one(&mut *c).await.map_err(map_err)?;
+            let meta: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM meta").fetch_one(&mut *c).await.map_err(map_err)?;
+            if existing + meta > 0 {
+                return Err(StoreError::Duplicate { what: "data in the target store (it must be empty)" });
+            }
+            for (k, v) in &s.meta {
+                sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2)").bind(k).bind(v).execute(&mut *c).await.map_err(map_err)?;
+            }
+            for o in &s.orgs {
+                insert_org(c, o).await?;
+            }
+            for x in &s.secrets {
+                insert_secret(c, x).await?;
+            }
+            for v in &s.versions {
+                insert_version(c, v).await?;
+            }
+            for a in &s.agents {
+                insert_agent(c, a).await?;
+            }
+            for t in &s.agent_tokens {
+                insert_agent_token(c, t).await?;
+            }
+            for g in &s.grants {
+                upsert_grant(c, g).await?;
+            }
+            for t in &s.user_tokens {
+                insert_user_token(c, t).await?;
+            }
+            Ok(())
+        }
+
+        async fn table_counts(c: &mut $conn) -> StoreResult<Vec<(&'static str, i64)>> {
+            let mut out = Vec::new();
+            for (t, sql) in TABLE_COUNTS {
+                let n: i64 = sqlx::query_scalar(*sql).fetch_one(&mut *c).await.map_err(map_err)?;
+                out.push((*t, n));
+            }
+            Ok(out)
+        }
+    };
+}
+
+pub(crate) use row_writers;
+
+/// Every table keyward keeps, with the query counting its rows.
+pub(crate) const TABLE_COUNTS: &[(&str, &str)] = &[
+    ("meta", "SELECT COUNT(*) FROM meta"),
+    ("orgs", "SELECT COUNT(*) FROM orgs"),
+    ("secrets", "SELECT COUNT(*) FROM secrets"),
+    ("secret_versions", "SELECT COUNT(*) FROM secret_versions"),
+    ("agents", "SELECT COUNT(*) FROM agents"),
+    ("agent_tokens", "SELECT COUNT(*) FROM agent_tokens"),
+    ("grants", "SELECT COUNT(*) FROM grants"),
+    ("user_tokens", "SELECT COUNT(*) FROM user_tokens"),
+    ("audit_events", "SELECT COUNT(*) FROM audit_events"),
+];
