@@ -22,7 +22,7 @@ use keyward_core::store::{AuditQuery, StateSnapshot, Store, StoreError, StoreRes
 
 use crate::map_err;
 use crate::migrate::{self, Migration};
-use crate::rows::{TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
+use crate::rows::{AUDIT_ROWS_PER_STATEMENT, TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
 
 const MIGRATIONS: &[Migration] =
     &[Migration { version: 1, name: "init", sql: include_str!("../migrations/postgres/0001_init.sql") }];
@@ -123,7 +123,7 @@ async fn notify(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> StoreResult<(
 }
 
 crate::rows::row_mappers!(PgRow);
-crate::rows::row_writers!(sqlx::PgConnection, PgRow);
+crate::rows::row_writers!(sqlx::PgConnection, PgRow, sqlx::Postgres);
 
 const AUDIT_COLUMNS: &str = "seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, secret_id, \
      secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, request_id, prev_hash, hash";
@@ -410,9 +410,7 @@ impl Store for PgStore {
             None => (0, GENESIS_HASH),
         };
         let records = chain_batch(last_seq, last_hash, batch);
-        for r in &records {
-            insert_audit(&mut tx, r).await?;
-        }
+        insert_audit(&mut tx, &records).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(records)
     }
@@ -471,9 +469,7 @@ impl Store for PgStore {
 
     async fn import_audit(&self, records: &[AuditRecord]) -> StoreResult<()> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        for r in records {
-            insert_audit(&mut tx, r).await?;
-        }
+        insert_audit(&mut tx, records).await?;
         tx.commit().await.map_err(map_err)
     }
 

@@ -155,7 +155,7 @@ pub(crate) fn corrupt(e: sqlx::Error) -> StoreError {
 /// uses `$N` placeholders, which SQLite also accepts (numbered in order of
 /// first appearance) and PostgreSQL requires.
 macro_rules! row_writers {
-    ($conn:ty, $row:ty) => {
+    ($conn:ty, $row:ty, $db:ty) => {
         async fn insert_org(c: &mut $conn, org: &OrgRecord) -> StoreResult<()> {
             sqlx::query("INSERT INTO orgs (id, name, wrapped_key, created_at) VALUES ($1, $2, $3, $4)")
                 .bind(&org.org.id)
@@ -282,36 +282,39 @@ macro_rules! row_writers {
             Ok(())
         }
 
-        async fn insert_audit(c: &mut $conn, r: &AuditRecord) -> StoreResult<()> {
-            let e = &r.event;
-            sqlx::query(
-                "INSERT INTO audit_events (seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, \
-                 secret_id, secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, request_id, \
-                 prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-                 $18, $19)",
-            )
-            .bind(r.seq)
-            .bind(micros(e.time))
-            .bind(&e.org_id)
-            .bind(&e.actor.kind)
-            .bind(&e.actor.id)
-            .bind(&e.actor.name)
-            .bind(&e.actor.token_id)
-            .bind(&e.action)
-            .bind(&e.secret_id)
-            .bind(&e.secret_name)
-            .bind(e.secret_version)
-            .bind(&e.purpose)
-            .bind(&e.source_ip)
-            .bind(&e.user_agent)
-            .bind(e.outcome.as_str())
-            .bind(&e.reason)
-            .bind(&e.request_id)
-            .bind(&r.prev_hash[..])
-            .bind(&r.hash[..])
-            .execute(&mut *c)
-            .await
-            .map_err(map_err)?;
+        /// Inserts audit records, many rows per statement: one round trip
+        /// per chunk instead of one per event keeps group commit cheap.
+        async fn insert_audit(c: &mut $conn, records: &[AuditRecord]) -> StoreResult<()> {
+            for chunk in records.chunks(AUDIT_ROWS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO audit_events (seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, \
+                     secret_id, secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, \
+                     request_id, prev_hash, hash) ",
+                );
+                q.push_values(chunk, |mut b, r| {
+                    let e = &r.event;
+                    b.push_bind(r.seq)
+                        .push_bind(micros(e.time))
+                        .push_bind(e.org_id.clone())
+                        .push_bind(e.actor.kind.clone())
+                        .push_bind(e.actor.id.clone())
+                        .push_bind(e.actor.name.clone())
+                        .push_bind(e.actor.token_id.clone())
+                        .push_bind(e.action.clone())
+                        .push_bind(e.secret_id.clone())
+                        .push_bind(e.secret_name.clone())
+                        .push_bind(e.secret_version)
+                        .push_bind(e.purpose.clone())
+                        .push_bind(e.source_ip.clone())
+                        .push_bind(e.user_agent.clone())
+                        .push_bind(e.outcome.as_str())
+                        .push_bind(e.reason.clone())
+                        .push_bind(e.request_id.clone())
+                        .push_bind(r.prev_hash.to_vec())
+                        .push_bind(r.hash.to_vec());
+                });
+                q.build().execute(&mut *c).await.map_err(map_err)?;
+            }
             Ok(())
         }
 
@@ -324,10 +327,26 @@ macro_rules! row_writers {
             for r in all(c, "SELECT key, value FROM meta ORDER BY key").await? {
                 s.meta.push((r.try_get("key").map_err(corrupt)?, r.try_get("value").map_err(corrupt)?));
             }
-            s.orgs = all(c, "SELECT * FROM orgs ORDER BY created_at, id").await?.iter().map(org_from).collect::<Result<_, _>>()?;
-            s.secrets = all(c, "SELECT * FROM secrets ORDER BY created_at, id").await?.iter().map(secret_from).collect::<Result<_, _>>()?;
-            s.versions = all(c, "SELECT * FROM secret_versions ORDER BY secret_id, version").await?.iter().map(version_from).collect::<Result<_, _>>()?;
-            s.agents = all(c, "SELECT * FROM agents ORDER BY created_at, id").await?.iter().map(agent_from).collect::<Result<_, _>>()?;
+            s.orgs = all(c, "SELECT * FROM orgs ORDER BY created_at, id")
+                .await?
+                .iter()
+                .map(org_from)
+                .collect::<Result<_, _>>()?;
+            s.secrets = all(c, "SELECT * FROM secrets ORDER BY created_at, id")
+                .await?
+                .iter()
+                .map(secret_from)
+                .collect::<Result<_, _>>()?;
+            s.versions = all(c, "SELECT * FROM secret_versions ORDER BY secret_id, version")
+                .await?
+                .iter()
+                .map(version_from)
+                .collect::<Result<_, _>>()?;
+            s.agents = all(c, "SELECT * FROM agents ORDER BY created_at, id")
+                .await?
+                .iter()
+                .map(agent_from)
+                .collect::<Result<_, _>>()?;
             s.agent_tokens = all(
                 c,
                 "SELECT a.*, t.id AS t_id, t.hash AS t_hash, t.created_at AS t_created_at, \
@@ -338,19 +357,34 @@ macro_rules! row_writers {
             .iter()
             .map(|r| agent_with_token_from(r).map(|(_, t)| t))
             .collect::<Result<_, _>>()?;
-            s.grants = all(c, "SELECT * FROM grants ORDER BY created_at, id").await?.iter().map(grant_from).collect::<Result<_, _>>()?;
-            s.user_tokens = all(c, "SELECT * FROM user_tokens ORDER BY created_at, id").await?.iter().map(user_token_from).collect::<Result<_, _>>()?;
+            s.grants = all(c, "SELECT * FROM grants ORDER BY created_at, id")
+                .await?
+                .iter()
+                .map(grant_from)
+                .collect::<Result<_, _>>()?;
+            s.user_tokens = all(c, "SELECT * FROM user_tokens ORDER BY created_at, id")
+                .await?
+                .iter()
+                .map(user_token_from)
+                .collect::<Result<_, _>>()?;
             Ok(s)
         }
 
         async fn import_state_into(c: &mut $conn, s: &StateSnapshot) -> StoreResult<()> {
-            let existing: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orgs").fetch_one(&mut *c).await.map_err(map_err)?;
-            let meta: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM meta").fetch_one(&mut *c).await.map_err(map_err)?;
+            let existing: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM orgs").fetch_one(&mut *c).await.map_err(map_err)?;
+            let meta: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM meta").fetch_one(&mut *c).await.map_err(map_err)?;
             if existing + meta > 0 {
                 return Err(StoreError::Duplicate { what: "data in the target store (it must be empty)" });
             }
             for (k, v) in &s.meta {
-                sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2)").bind(k).bind(v).execute(&mut *c).await.map_err(map_err)?;
+                sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2)")
+                    .bind(k)
+                    .bind(v)
+                    .execute(&mut *c)
+                    .await
+                    .map_err(map_err)?;
             }
             for o in &s.orgs {
                 insert_org(c, o).await?;
@@ -388,6 +422,9 @@ macro_rules! row_writers {
 }
 
 pub(crate) use row_writers;
+
+/// 19 parameters a row: 500 rows stay far below both databases' limits.
+pub(crate) const AUDIT_ROWS_PER_STATEMENT: usize = 500;
 
 /// Every table keyward keeps, with the query counting its rows.
 pub(crate) const TABLE_COUNTS: &[(&str, &str)] = &[

@@ -23,7 +23,7 @@ use keyward_core::store::{AuditQuery, StateSnapshot, Store, StoreError, StoreRes
 
 use crate::map_err;
 use crate::migrate::{self, Migration};
-use crate::rows::{TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
+use crate::rows::{AUDIT_ROWS_PER_STATEMENT, TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
 
 const MIGRATIONS: &[Migration] =
     &[Migration { version: 1, name: "init", sql: include_str!("../migrations/sqlite/0001_init.sql") }];
@@ -82,7 +82,7 @@ fn restrict_permissions(path: &Path) {
 }
 
 crate::rows::row_mappers!(SqliteRow);
-crate::rows::row_writers!(sqlx::SqliteConnection, SqliteRow);
+crate::rows::row_writers!(sqlx::SqliteConnection, SqliteRow, sqlx::Sqlite);
 
 const AUDIT_COLUMNS: &str = "seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, secret_id, \
      secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, request_id, prev_hash, hash";
@@ -358,9 +358,7 @@ impl Store for SqliteStore {
             None => (0, GENESIS_HASH),
         };
         let records = chain_batch(last_seq, last_hash, batch);
-        for r in &records {
-            insert_audit(&mut tx, r).await?;
-        }
+        insert_audit(&mut tx, &records).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(records)
     }
@@ -418,9 +416,7 @@ impl Store for SqliteStore {
 
     async fn import_audit(&self, records: &[AuditRecord]) -> StoreResult<()> {
         let mut tx = self.write.begin().await.map_err(map_err)?;
-        for r in records {
-            insert_audit(&mut tx, r).await?;
-        }
+        insert_audit(&mut tx, records).await?;
         tx.commit().await.map_err(map_err)
     }
 
