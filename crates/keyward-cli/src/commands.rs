@@ -205,9 +205,15 @@ fn print_init_banner(r: &keyward_server::InitReport) {
 }
 
 fn init_logging(format: Option<&str>) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("KEYWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // rustls warns on every client that sends an IP address as SNI (many
+    // do): a client could flood the log with it, so only its errors show.
+    let filter = EnvFilter::try_from_env("KEYWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if format == Some("json") {
         builder.json().init();
     } else {
