@@ -116,3 +116,34 @@ async fn concurrent_load_on_two_replicas_keeps_one_complete_chain() {
     let v = a.cli_json(&["audit", "verify"]);
     assert_eq!(v["ok"], true, "{v}");
 }
+
+/// A change B never hears about (its LISTEN connection dropped) must not
+/// leave B serving stale policy: on reconnect it drops its caches.
+#[tokio::test]
+async fn lost_notifications_do_not_leave_stale_grants() {
+    let a = Server::start(Backend::Postgres).await;
+    let b = a.replica();
+    a.put_secret(None, "k", "value-1234567", &[]);
+    let token = a.agent(None, "bot");
+    a.grant(None, "bot", "k", "reveal", &[]);
+    assert_eq!(b.resolve(&token, "k").await.0, 200); // cached on B now
+
+    // The grant disappears behind keyward's back: no NOTIFY is sent.
+    let db = a.db().await;
+    db.exec("DELETE FROM grants", vec![]).await;
+    assert_eq!(b.resolve(&token, "k").await.0, 200, "B still trusts its cache (nothing told it)");
+
+    // Cut the LISTEN connections of this test's replicas (their
+    // connections carry the schema's name as application_name).
+    let schema = a.pg.as_ref().unwrap().schema.clone();
+    let killed = db
+        .int(&format!(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = '{schema}' AND query LIKE 'LISTEN%'"
+        ))
+        .await;
+    assert!(killed >= 1, "no listener connection found");
+    db.close().await;
+    let took = within_a_second("reconnect", || async { b.resolve(&token, "k").await.0 == 404 }).await;
+    eprintln!("stale grant dropped {took:?} after the listener was cut");
+}

@@ -14,7 +14,8 @@ pub fn base_url() -> String {
     std::env::var("KEYWARD_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_owned())
 }
 
-/// A schema of its own; `url` selects it through `search_path`.
+/// A schema of its own; `url` selects it through `search_path` and names
+/// its connections (`application_name`) after it.
 pub struct TestSchema {
     pub url: String,
     pub schema: String,
@@ -50,7 +51,7 @@ impl TestSchema {
             .expect("create schema");
         pool.close().await;
         let sep = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+        let url = format!("{base}{sep}options=-c%20search_path%3D{schema}&application_name={schema}");
         Some(Self { url, schema, base })
     }
 }
