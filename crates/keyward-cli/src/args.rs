@@ -179,6 +179,14 @@ pub enum SecretCmd {
         /// Origin the key may be sent to (default: the provider's).
         #[arg(long)]
         upstream: Option<String>,
+        /// Let the upstream resolve to private/loopback/link-local addresses
+        /// (an internal service). Cloud metadata addresses stay refused.
+        #[arg(long)]
+        allow_internal_upstream: bool,
+        /// generic secrets: `header:NAME:TEMPLATE` or `query:NAME:TEMPLATE`
+        /// with `{value}` in TEMPLATE, e.g. `header:X-Api-Key:{value}`.
+        #[arg(long)]
+        inject: Option<String>,
         /// Date or duration after which every use is denied.
         #[arg(long)]
         expires: Option<String>,

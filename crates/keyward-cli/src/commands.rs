@@ -292,10 +292,21 @@ async fn token(c: &Client, cmd: TokenCmd, json: bool) -> Result<(), CliError> {
 
 async fn secret(c: &Client, cmd: SecretCmd, json: bool) -> Result<(), CliError> {
     let v = match cmd {
-        SecretCmd::Put { name, source, provider, upstream, expires, description, tags } => {
+        SecretCmd::Put {
+            name,
+            source,
+            provider,
+            upstream,
+            allow_internal_upstream,
+            inject,
+            expires,
+            description,
+            tags,
+        } => {
             let value = read_value(source.from_file.as_deref(), &format!("Value for {name} (not echoed): "))?;
             let body = json!({
                 "name": name, "value": value.as_str(), "provider": provider, "upstream": upstream,
+                "allow_internal": allow_internal_upstream, "inject": inject,
                 "expires": expires, "description": description, "tags": tags,
             });
             let bytes = Zeroizing::new(serde_json::to_vec(&body).expect("json"));

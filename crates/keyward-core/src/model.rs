@@ -194,6 +194,12 @@ pub struct Secret {
     pub name: String,
     pub provider: String,
     pub upstream: Option<String>,
+    /// The admin allowed this secret's upstream to resolve to private,
+    /// loopback or link-local addresses (never cloud metadata ones).
+    pub allow_internal: bool,
+    /// `generic` secrets: where the proxy puts the value
+    /// (`header:NAME:TEMPLATE` or `query:NAME:TEMPLATE`, `{value}` inside).
+    pub inject: Option<String>,
     pub description: Option<String>,
     pub tags: Vec<String>,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -202,6 +208,38 @@ pub struct Secret {
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+/// Where a `generic` secret's value is injected by the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Injection {
+    Header { name: String, template: String },
+    Query { name: String, template: String },
+}
+
+impl Injection {
+    pub fn parse(s: &str) -> Result<Self, CoreError> {
+        let err = |m: &str| {
+            CoreError::invalid("inject", format!("{m} (expected header:NAME:TEMPLATE or query:NAME:TEMPLATE)"))
+        };
+        let mut parts = s.splitn(3, ':');
+        let (kind, name, template) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(k), Some(n), Some(t)) => (k, n.trim(), t.trim_start()),
+            _ => return Err(err("malformed")),
+        };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            return Err(err("the name must be letters, digits, '-', '_' or '.'"));
+        }
+        if template.matches("{value}").count() != 1 || template.chars().any(|c| c.is_control()) {
+            return Err(err("the template must contain {value} exactly once and no control characters"));
+        }
+        let (name, template) = (name.to_owned(), template.to_owned());
+        match kind {
+            "header" => Ok(Injection::Header { name, template }),
+            "query" => Ok(Injection::Query { name, template }),
+            _ => Err(err("the kind must be header or query")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -308,6 +346,19 @@ mod tests {
         assert!(validate_origin("https://a.example:8443").is_ok());
         for bad in ["ftp://x", "https://", "https://a/b", "https://u@a", "https://a?x", "api.openai.com"] {
             assert!(validate_origin(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn injections() {
+        assert_eq!(
+            Injection::parse("header:X-Api-Key:{value}").unwrap(),
+            Injection::Header { name: "X-Api-Key".into(), template: "{value}".into() }
+        );
+        assert!(matches!(Injection::parse("query:api_key:{value}").unwrap(), Injection::Query { .. }));
+        for bad in ["header:X:", "header::{value}", "cookie:x:{value}", "header:X:{value}{value}", "header:X Y:{value}"]
+        {
+            assert!(Injection::parse(bad).is_err(), "{bad}");
         }
     }
 

@@ -135,6 +135,8 @@ pub struct NewSecret {
     pub name: String,
     pub provider: Option<String>,
     pub upstream: Option<String>,
+    pub allow_internal: bool,
+    pub inject: Option<String>,
     pub description: Option<String>,
     pub tags: Vec<String>,
     pub expires_at: Option<OffsetDateTime>,
@@ -739,6 +741,11 @@ impl Vault {
         };
         let tags = validate_tags(new.tags)?;
         let description = new.description.map(|d| validate_text("description", d)).transpose()?;
+        let inject = match new.inject {
+            Some(i) if provider == Provider::Generic => Some(Injection::parse(&i).map(|_| i)?),
+            Some(_) => return Err(CoreError::invalid("inject", "only generic secrets take an injection rule")),
+            None => None,
+        };
         let now = self.now();
         if new.expires_at.is_some_and(|e| e <= now) {
             return Err(CoreError::invalid("expires", "is in the past"));
@@ -756,12 +763,15 @@ impl Vault {
             name: new.name,
             provider: provider.as_str().into(),
             upstream,
+            allow_internal: new.allow_internal,
+            inject,
             description,
             tags,
             expires_at: new.expires_at,
             created_at: now,
             updated_at: now,
         };
+        check_injectable(&secret, &value)?;
         let v1 = self.encrypt_version(&secret, 1, &value).await?;
         self.store.create_secret(&secret, &v1).await.map_err(dup("secret"))?;
         self.cache.invalidate_policy();
@@ -775,19 +785,19 @@ impl Vault {
     async fn secret_info_of(&self, secret: Secret) -> Result<SecretInfo, CoreError> {
         let versions = self.store.list_versions(&secret.id).await?;
         let grants = self.store.list_grants(&secret.org_id, None, Some(&secret.id)).await?;
-        let last_used = self
-            .store
-            .query_audit(&AuditQuery {
+        let mut last_used = None;
+        for action in ["secret.resolve", "secret.proxy"] {
+            let q = AuditQuery {
                 org_id: Some(secret.org_id.clone()),
                 secret: Some(secret.id.clone()),
                 outcome: Some(Outcome::Allowed),
-                action: Some("secret.resolve".into()),
+                action: Some(action.into()),
                 limit: 1,
                 ..AuditQuery::default()
-            })
-            .await?
-            .first()
-            .map(|r| r.event.time);
+            };
+            let t = self.store.query_audit(&q).await?.first().map(|r| r.event.time);
+            last_used = last_used.max(t);
+        }
         Ok(SecretInfo {
             current_version: versions.iter().find(|v| v.state == VersionState::Current).map(|v| v.version),
             versions: versions.iter().map(VersionInfo::from).collect(),
@@ -832,6 +842,7 @@ impl Vault {
             secret_version: Some(next),
             ..self.admin_draft("secret.rotate", Some(&secret.name), meta)
         };
+        check_injectable(&secret, &value)?;
         self.authorize(p, org, Role::Admin, draft).await?;
         let v = self.encrypt_version(&secret, next, &value).await?;
         self.store.rotate_secret(&v, self.now()).await.map_err(dup("version"))?;
@@ -1077,6 +1088,27 @@ fn dup(what: &'static str) -> impl Fn(StoreError) -> CoreError {
         StoreError::Duplicate { .. } => CoreError::Conflict { message: format!("{what} already exists") },
         other => other.into(),
     }
+}
+
+/// A value the proxy may put into a header or query must not be able to
+/// break out of it: no control characters (CR, LF, NUL, …). Twilio values
+/// are `ACCOUNT_SID:AUTH_TOKEN` (HTTP Basic's two fields).
+fn check_injectable(secret: &Secret, value: &SecretValue) -> Result<(), CoreError> {
+    let injectable = secret.provider != Provider::Generic.as_str() || secret.inject.is_some();
+    if !injectable {
+        return Ok(());
+    }
+    let text = value.expose_str().ok_or_else(|| CoreError::invalid("value", "must be UTF-8 text"))?;
+    if text.chars().any(|c| c.is_control()) {
+        return Err(CoreError::invalid(
+            "value",
+            "contains control characters (CR, LF, …) that would break the header it is sent in",
+        ));
+    }
+    if secret.provider == Provider::Twilio.as_str() && !text.contains(':') {
+        return Err(CoreError::invalid("value", "a twilio value is ACCOUNT_SID:AUTH_TOKEN"));
+    }
+    Ok(())
 }
 
 fn validate_text(field: &'static str, s: String) -> Result<String, CoreError> {

@@ -220,6 +220,9 @@ pub struct PutSecret {
     value: WriteOnly,
     provider: Option<String>,
     upstream: Option<String>,
+    #[serde(default)]
+    allow_internal: bool,
+    inject: Option<String>,
     description: Option<String>,
     #[serde(default)]
     tags: Vec<String>,
@@ -241,6 +244,8 @@ pub async fn put_secret(
         name: req.name,
         provider: req.provider,
         upstream: req.upstream,
+        allow_internal: req.allow_internal,
+        inject: req.inject,
         description: req.description,
         tags: req.tags,
         expires_at: instant("expires", req.expires.as_deref(), &s.vault)?,

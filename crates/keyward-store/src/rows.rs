@@ -22,6 +22,8 @@ macro_rules! row_mappers {
                 name: r.try_get("name").map_err(corrupt)?,
                 provider: r.try_get("provider").map_err(corrupt)?,
                 upstream: r.try_get("upstream").map_err(corrupt)?,
+                allow_internal: r.try_get("allow_internal").map_err(corrupt)?,
+                inject: r.try_get("inject").map_err(corrupt)?,
                 description: r.try_get("description").map_err(corrupt)?,
                 tags: serde_json::from_str(&tags).map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 expires_at: r.try_get::<Option<i64>, _>("expires_at").map_err(corrupt)?.map(from_micros),
@@ -171,7 +173,7 @@ macro_rules! row_writers {
         async fn insert_secret(c: &mut $conn, s: &Secret) -> StoreResult<()> {
             sqlx::query(
                 "INSERT INTO secrets (id, org_id, name, provider, upstream, description, tags, expires_at, \
-                 created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                 created_at, updated_at, allow_internal, inject) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             )
             .bind(&s.id)
             .bind(&s.org_id)
@@ -183,6 +185,8 @@ macro_rules! row_writers {
             .bind(opt_micros(s.expires_at))
             .bind(micros(s.created_at))
             .bind(micros(s.updated_at))
+            .bind(s.allow_internal)
+            .bind(&s.inject)
             .execute(&mut *c)
             .await
             .map_err(map_err)?;

@@ -25,8 +25,10 @@ use crate::map_err;
 use crate::migrate::{self, Migration};
 use crate::rows::{AUDIT_ROWS_PER_STATEMENT, TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
 
-const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "init", sql: include_str!("../migrations/sqlite/0001_init.sql") }];
+const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "init", sql: include_str!("../migrations/sqlite/0001_init.sql") },
+    Migration { version: 2, name: "proxy", sql: include_str!("../migrations/sqlite/0002_proxy.sql") },
+];
 
 pub struct SqliteStore {
     read: SqlitePool,
