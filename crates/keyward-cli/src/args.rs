@@ -129,6 +129,10 @@ pub struct ServeArgs {
     /// Extra trust roots (PEM) for upstreams with a private CA.
     #[arg(long)]
     pub upstream_ca: Option<PathBuf>,
+    /// Pin an upstream name to an address, HOST=ADDRESS (repeatable); the
+    /// network guard still checks the address.
+    #[arg(long = "resolve")]
+    pub resolve: Vec<String>,
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,

@@ -225,6 +225,7 @@ async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
     let flags = ServeConfig {
         listen: a.listen,
         upstream_ca: a.upstream_ca.clone(),
+        resolve: (!a.resolve.is_empty()).then(|| a.resolve.clone()),
         log_format: a.log_format.clone(),
         ..server_config(conn, &ServerOpts { config: None, ..a.server.clone() })?
     };
@@ -255,7 +256,10 @@ async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
         println!("keyward listening on {url}{}", if sealed { " (sealed: run `keyward unseal`)" } else { "" });
         let _ = std::io::stdout().flush();
     };
-    keyward_server::serve::run(Arc::clone(&vault), cfg.listen(), tls, on_listening)
+    let upstreams =
+        keyward_server::proxy::Upstreams::new(cfg.upstream_ca.as_deref(), cfg.resolve.as_deref().unwrap_or(&[]))
+            .map_err(setup)?;
+    keyward_server::serve::run(Arc::clone(&vault), Arc::new(upstreams), cfg.listen(), tls, on_listening)
         .await
         .map_err(|e| setup(format!("serving on {}: {e}", cfg.listen())))
 }

@@ -57,6 +57,9 @@ pub struct RequestMeta {
     pub user_agent: Option<String>,
     pub request_id: Option<String>,
     pub purpose: Option<String>,
+    /// What an allowed use is for, recorded as the event's detail (the
+    /// proxy: method and path, never query values).
+    pub target: Option<String>,
 }
 
 /// An authenticated human/admin caller.
@@ -93,6 +96,18 @@ pub struct Released {
     pub version: i64,
     pub audit_seq: i64,
     pub value: SecretValue,
+    /// Who used which secret, for the use's follow-up audit events.
+    pub record: UseRecord,
+}
+
+/// The identity of one use of a secret, without its value.
+#[derive(Debug, Clone)]
+pub struct UseRecord {
+    pub org_id: String,
+    pub actor: Actor,
+    pub secret_id: String,
+    pub secret_name: String,
+    pub version: i64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -550,9 +565,41 @@ impl Vault {
         draft.secret_name = Some(secret.name.clone());
         draft.secret_version = Some(version.version);
         draft.outcome = Outcome::Allowed;
+        draft.reason = meta.target.as_deref().map(clean_free_text);
+        let record = UseRecord {
+            org_id: agent.org_id.clone(),
+            actor: draft.actor.clone(),
+            secret_id: secret.id.clone(),
+            secret_name: secret.name.clone(),
+            version: version.version,
+        };
         let audit_seq = self.audit_now(draft).await?;
         let value = self.decrypt_version(&secret, &version).await?;
-        Ok(Released { secret, version: version.version, audit_seq, value })
+        Ok(Released { secret, version: version.version, audit_seq, value, record })
+    }
+
+    /// Completes the trail of a proxied use once its answer is over: status,
+    /// bytes, latency (`detail`). The use itself was audited before the key
+    /// left; this event cannot be fail-closed any more, so errors are
+    /// returned for logging only.
+    pub async fn record_proxy_outcome(
+        &self,
+        record: &UseRecord,
+        meta: &RequestMeta,
+        ok: bool,
+        detail: String,
+    ) -> Result<(), CoreError> {
+        let draft = AuditDraft {
+            org_id: Some(record.org_id.clone()),
+            actor: record.actor.clone(),
+            action: "secret.proxy.done".into(),
+            secret_id: Some(record.secret_id.clone()),
+            secret_name: Some(record.secret_name.clone()),
+            secret_version: Some(record.version),
+            reason: Some(clean_free_text(&detail)),
+            ..draft_base(self.now(), if ok { Outcome::Allowed } else { Outcome::Error }, meta)
+        };
+        self.audit_now(draft).await.map(|_| ())
     }
 
     /// Policy for one use: `Ok` with what to release, or the audit reason and

@@ -20,6 +20,9 @@ pub struct ServeConfig {
     pub tls_key: Option<PathBuf>,
     /// Extra trust roots for upstreams (used by the proxy).
     pub upstream_ca: Option<PathBuf>,
+    /// Pinned upstream addresses, `HOST=ADDRESS` (like curl's --resolve);
+    /// still checked by the network guard.
+    pub resolve: Option<Vec<String>>,
     /// `text` (default) or `json`.
     pub log_format: Option<String>,
 }
@@ -51,6 +54,7 @@ impl ServeConfig {
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             upstream_ca: self.upstream_ca.or(file.upstream_ca),
+            resolve: self.resolve.or(file.resolve),
             log_format: self.log_format.or(file.log_format),
         }
     }

@@ -23,6 +23,7 @@ use crate::error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub vault: Arc<Vault>,
+    pub upstreams: Arc<crate::proxy::Upstreams>,
 }
 
 /// Set by the request-id middleware.
@@ -43,6 +44,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Meta {
             user_agent: header("user-agent"),
             request_id: parts.extensions.get::<RequestId>().map(|r| r.0.clone()),
             purpose: header(PURPOSE_HEADER),
+            target: None,
         }))
     }
 }

@@ -9,6 +9,7 @@ pub mod datadir;
 mod error;
 mod handlers;
 pub mod openapi;
+pub mod proxy;
 pub mod serve;
 pub mod tls;
 

@@ -14,6 +14,7 @@ use crate::handlers::AppState;
 /// free one), then serves until SIGINT/SIGTERM.
 pub async fn run(
     vault: Arc<Vault>,
+    upstreams: Arc<crate::proxy::Upstreams>,
     listen: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     on_listening: impl FnOnce(SocketAddr),
@@ -37,7 +38,7 @@ pub async fn run(
         .timer(hyper_util::rt::TokioTimer::new());
     server.http_builder().http2().max_header_list_size(64 * 1024).max_concurrent_streams(256);
     on_listening(addr);
-    let app = app::router(AppState { vault });
+    let app = app::router(AppState { vault, upstreams });
     server.serve(app.into_make_service_with_connect_info::<SocketAddr>()).await
 }
 

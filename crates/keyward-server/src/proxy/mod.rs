@@ -1,0 +1,386 @@
+//! The credential-injecting proxy: `ANY /proxy/{secret}/{path}`.
+//!
+//! authenticate the agent from its SDK's credential slot → `Vault::use_secret`
+//! (grant check + audit record, fail closed) → strip the agent's credential,
+//! inject the real key → forward to the secret's bound origin only (checked
+//! addresses, no redirects) → stream the answer back with any echo of the key
+//! redacted → audit the outcome (status, bytes, latency).
+
+mod guard;
+mod presets;
+mod redact;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use keyward_core::vault::{RequestMeta, UseMode};
+
+use crate::error::ApiError;
+use crate::handlers::{AppState, Meta};
+pub use guard::{AddrClass, Lookup, classify};
+
+/// Upstream HTTP clients: one that refuses internal addresses, one for
+/// secrets allowed an internal upstream. Both refuse metadata addresses,
+/// follow no redirects and use no system proxy.
+pub struct Upstreams {
+    strict: reqwest::Client,
+    internal: reqwest::Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    #[error("--upstream-ca {path}: {message}")]
+    Ca { path: String, message: String },
+    #[error("--resolve {0}: expected HOST=ADDRESS")]
+    Pin(String),
+    #[error("building the upstream client: {0}")]
+    Client(String),
+}
+
+impl Upstreams {
+    pub fn new(upstream_ca: Option<&Path>, pins: &[String]) -> Result<Self, UpstreamSetupError> {
+        let mut pinned: HashMap<String, Vec<IpAddr>> = HashMap::new();
+        for p in pins {
+            let (host, addr) = p.split_once('=').ok_or_else(|| UpstreamSetupError::Pin(p.clone()))?;
+            let ip: IpAddr = addr.parse().map_err(|_| UpstreamSetupError::Pin(p.clone()))?;
+            pinned.entry(host.to_ascii_lowercase()).or_default().push(ip);
+        }
+        let lookup = Lookup { pinned: Arc::new(pinned) };
+        let roots = match upstream_ca {
+            Some(path) => {
+                let err = |message: String| UpstreamSetupError::Ca { path: path.display().to_string(), message };
+                let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?
+            }
+            None => Vec::new(),
+        };
+        let build = |allow_internal: bool| {
+            reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .retry(reqwest::retry::never())
+                .referer(false)
+                .connect_timeout(Duration::from_secs(10))
+                .read_timeout(Duration::from_secs(300))
+                .pool_idle_timeout(Duration::from_secs(90))
+                .tcp_nodelay(true)
+                .tls_certs_merge(roots.clone())
+                .dns_resolver(Arc::new(guard::GuardedResolver { lookup: lookup.clone(), allow_internal }))
+                .build()
+                .map_err(|e| UpstreamSetupError::Client(e.to_string()))
+        };
+        Ok(Self { strict: build(false)?, internal: build(true)? })
+    }
+}
+
+/// Splits the raw (still percent-encoded) request path into the secret
+/// reference and the path to forward. Dot segments, encoded slashes or
+/// backslashes and empty segments are refused, not resolved: what is checked
+/// is exactly what is forwarded.
+fn split_path(raw: &str) -> Result<(String, String), ApiError> {
+    let bad = |m: &str| ApiError::bad_request("invalid_path", m.to_owned());
+    let rest = raw.strip_prefix("/proxy/").ok_or_else(|| bad("not a proxy path"))?;
+    let (secret, forward) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if secret.is_empty() || !secret.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        return Err(bad("the secret must be a name or id"));
+    }
+    let segments: Vec<&str> = forward[1..].split('/').collect();
+    for (i, seg) in segments.iter().enumerate() {
+        let decoded = percent_decode(seg).ok_or_else(|| bad("malformed percent-encoding"))?;
+        if decoded == "." || decoded == ".." {
+            return Err(bad("dot segments are not allowed"));
+        }
+        if decoded.contains(['/', '\\']) || seg.contains('\\') {
+            return Err(bad("encoded slashes and backslashes are not allowed"));
+        }
+        if seg.is_empty() && i + 1 != segments.len() {
+            return Err(bad("empty path segments (//) are not allowed"));
+        }
+        if decoded.chars().any(|c| c.is_control()) {
+            return Err(bad("control characters are not allowed"));
+        }
+    }
+    Ok((secret.to_owned(), forward.to_owned()))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and those listed in `Connection`.
+fn hop_by_hop(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ]
+    .iter()
+    .map(|n| HeaderName::from_static(n))
+    .collect();
+    for v in headers.get_all(header::CONNECTION) {
+        if let Ok(s) = v.to_str() {
+            names.extend(s.split(',').filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()));
+        }
+    }
+    names
+}
+
+fn origin_host(origin: &str) -> (&str, &str) {
+    let (scheme, rest) = origin.split_once("://").unwrap_or(("https", origin));
+    let host = if let Some(v6) = rest.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        rest.rsplit_once(':').map_or(rest, |(h, _)| h)
+    };
+    (scheme, host)
+}
+
+fn upstream_error(e: &reqwest::Error) -> ApiError {
+    let mut src: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = src {
+        if let Some(refused) = s.downcast_ref::<guard::Refused>() {
+            return ApiError::new(StatusCode::FORBIDDEN, "upstream_forbidden", refused.to_string());
+        }
+        src = s.source();
+    }
+    if e.is_timeout() {
+        ApiError::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "the upstream did not answer in time")
+    } else if e.is_connect() {
+        ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", "cannot connect to the upstream")
+    } else {
+        ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", "the upstream connection failed")
+    }
+}
+
+pub async fn handle(State(s): State<AppState>, Meta(meta): Meta, req: Request) -> Response {
+    match forward(s, meta, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let (secret_ref, path) = split_path(parts.uri.path())?;
+    if parts.headers.contains_key(header::UPGRADE) {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "upgrade_unsupported",
+            "protocol upgrades are not proxied yet",
+        ));
+    }
+    let token = presets::find_agent_token(&parts.headers, parts.uri.query()).map(|(t, _)| t);
+    // No query values in the audit trail: they may carry data.
+    meta.target = Some(format!("{} {}", parts.method, path));
+    let released =
+        s.vault.use_secret(token.as_deref().map_or("", |t| t.as_str()), &secret_ref, UseMode::Proxy, &meta).await?;
+    let secret = &released.secret;
+    let origin = secret.upstream.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "no_upstream",
+            "this secret is bound to no upstream (secret put --upstream)",
+        )
+    })?;
+    let (scheme, host) = origin_host(&origin);
+    let literal = host.parse::<IpAddr>().ok();
+    if let Some(ip) = literal {
+        guard::check(ip, secret.allow_internal)
+            .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "upstream_forbidden", e.to_string()))?;
+    }
+    if scheme == "http" {
+        let loopback = host == "localhost" || literal.is_some_and(|ip| ip.is_loopback());
+        if !(loopback && secret.allow_internal) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "plaintext_upstream",
+                "http:// upstreams are allowed only on loopback, for secrets allowed an internal upstream",
+            ));
+        }
+    }
+    let value = released
+        .value
+        .expose_str()
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "not_utf8", "the stored value is not UTF-8"))?;
+
+    let mut headers = parts.headers.clone();
+    for h in hop_by_hop(&parts.headers) {
+        headers.remove(h);
+    }
+    headers.remove(header::HOST);
+    headers.remove(crate::handlers::PURPOSE_HEADER);
+    // Compressed answers could hide an echoed key from redaction.
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    presets::strip_agent_credentials(&mut headers);
+    let mut query = presets::forward_query(parts.uri.query());
+    presets::inject(&secret.provider, secret.inject.as_deref(), value, &mut headers, &mut query)?;
+    let url = if query.is_empty() { format!("{origin}{path}") } else { format!("{origin}{path}?{}", query.join("&")) };
+    let redactor = redact::Redactor::new(
+        &presets::key_parts(&secret.provider, value).iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
+    );
+    drop(query);
+
+    let client = if secret.allow_internal { &s.upstreams.internal } else { &s.upstreams.strict };
+    let upstream_req = client
+        .request(parts.method.clone(), &url)
+        .headers(headers)
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    let outcome = Outcome {
+        vault: s.vault.clone(),
+        record: released.record.clone(),
+        released_seq: released.audit_seq,
+        meta: meta.clone(),
+        started,
+    };
+    let resp = match upstream_req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            let err = upstream_error(&e);
+            tracing::warn!(request_id = ?meta.request_id, code = err.code, "proxy upstream failed");
+            outcome.record(err.status.as_u16(), 0, Some(err.code)).await;
+            return Err(err);
+        }
+    };
+
+    let status = resp.status();
+    let mut out_headers = HeaderMap::new();
+    let hop = hop_by_hop(resp.headers());
+    for (name, v) in resp.headers() {
+        if hop.contains(name) || name == header::CONTENT_LENGTH {
+            continue;
+        }
+        let v = match redactor.redact_all(v.as_bytes()) {
+            Some(clean) => HeaderValue::from_bytes(&clean).unwrap_or(HeaderValue::from_static("[redacted by keyward]")),
+            None => v.clone(),
+        };
+        out_headers.append(name.clone(), v);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
+    let mut upstream_body = resp.bytes_stream();
+    let mut redactor = redactor;
+    tokio::spawn(async move {
+        let mut sent = 0u64;
+        let mut failure = None;
+        while let Some(chunk) = upstream_body.next().await {
+            match chunk {
+                Ok(c) => {
+                    let clean = redactor.push(&c);
+                    sent += clean.len() as u64;
+                    if !clean.is_empty() && tx.send(Ok(clean.into())).await.is_err() {
+                        failure = Some("client_gone");
+                        break;
+                    }
+                }
+                Err(e) => {
+                    failure = Some(if e.is_timeout() { "upstream_idle_timeout" } else { "upstream_reset" });
+                    let _ = tx.send(Err(std::io::Error::other("upstream stream failed"))).await;
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            let tail = redactor.finish();
+            sent += tail.len() as u64;
+            if !tail.is_empty() {
+                let _ = tx.send(Ok(tail.into())).await;
+            }
+        }
+        drop(tx);
+        outcome.record(status.as_u16(), sent, failure).await;
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let mut response = Response::new(Body::from_stream(stream));
+    *response.status_mut() = status;
+    *response.headers_mut() = out_headers;
+    Ok(response)
+}
+
+/// Completes a proxied request's audit record once the answer is over.
+struct Outcome {
+    vault: Arc<keyward_core::Vault>,
+    record: keyward_core::vault::UseRecord,
+    released_seq: i64,
+    meta: RequestMeta,
+    started: Instant,
+}
+
+impl Outcome {
+    async fn record(self, status: u16, bytes: u64, failure: Option<&'static str>) {
+        let detail = format!(
+            "for seq {}: status {status}, {bytes} bytes, {} ms{}",
+            self.released_seq,
+            self.started.elapsed().as_millis(),
+            failure.map(|f| format!(", {f}")).unwrap_or_default()
+        );
+        if let Err(e) = self.vault.record_proxy_outcome(&self.record, &self.meta, failure.is_none(), detail).await {
+            tracing::error!(error = %e, "could not audit a proxied request's outcome");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            split_path("/proxy/openai/v1/chat/completions").unwrap(),
+            ("openai".into(), "/v1/chat/completions".into())
+        );
+        assert_eq!(split_path("/proxy/openai").unwrap().1, "/");
+        assert_eq!(split_path("/proxy/openai/v1/").unwrap().1, "/v1/");
+        for bad in [
+            "/proxy/openai/../admin",
+            "/proxy/openai/v1/%2e%2e/x",
+            "/proxy/openai/%2E/x",
+            "/proxy/openai//evil.example/x",
+            "/proxy/openai/%2F%2Fevil/x",
+            "/proxy/openai/a%5cb",
+            "/proxy/openai/a\\b",
+            "/proxy/open%20ai/x",
+            "/proxy//x",
+            "/proxy/openai/%zz",
+        ] {
+            assert!(split_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn origin_hosts() {
+        assert_eq!(origin_host("https://api.openai.com"), ("https", "api.openai.com"));
+        assert_eq!(origin_host("https://127.0.0.1:8443"), ("https", "127.0.0.1"));
+        assert_eq!(origin_host("http://[::1]:80"), ("http", "::1"));
+    }
+}

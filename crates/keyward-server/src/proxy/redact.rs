@@ -1,0 +1,172 @@
+//! Keeps the real key from reaching the agent even when the upstream echoes
+//! it: every occurrence of the value — as is, or base64-encoded (standard or
+//! URL-safe alphabet, at any byte alignment) — in response headers and body
+//! is replaced, also when it is split across streamed chunks.
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+use zeroize::Zeroizing;
+
+pub const REPLACEMENT: &[u8] = b"[redacted by keyward]";
+/// Shorter forms would match innocent text; keys are far longer.
+const MIN_FORM: usize = 8;
+
+pub struct Redactor {
+    forms: Vec<Zeroizing<Vec<u8>>>,
+    longest: usize,
+    carry: Zeroizing<Vec<u8>>,
+}
+
+/// The forms a value can be echoed in.
+fn forms_of(value: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
+    let mut forms = vec![Zeroizing::new(value.to_vec())];
+    for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+        for offset in 0..3usize {
+            let mut input = Zeroizing::new(vec![0u8; offset]);
+            input.extend_from_slice(value);
+            let encoded = Zeroizing::new(engine.encode(&*input).into_bytes());
+            // Characters that mix in bits of the bytes around the value
+            // depend on its neighbours: keep only the ones it alone decides.
+            let skip_start = (offset * 4).div_ceil(3);
+            let skip_end = usize::from(input.len() % 3 != 0);
+            if encoded.len() > skip_start + skip_end {
+                forms.push(Zeroizing::new(encoded[skip_start..encoded.len() - skip_end].to_vec()));
+            }
+        }
+    }
+    forms.retain(|f| f.len() >= MIN_FORM);
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    forms.dedup_by(|a, b| a[..] == b[..]);
+    forms
+}
+
+impl Redactor {
+    /// `values`: the secret value and any part of it that is a key on its
+    /// own (a twilio value's auth token).
+    pub fn new(values: &[&[u8]]) -> Self {
+        let forms: Vec<_> = values.iter().flat_map(|v| forms_of(v)).collect();
+        let longest = forms.iter().map(|f| f.len()).max().unwrap_or(0);
+        Self { forms, longest, carry: Zeroizing::new(Vec::new()) }
+    }
+
+    fn match_at(&self, buf: &[u8], i: usize) -> Option<usize> {
+        self.forms.iter().find(|f| buf[i..].starts_with(f)).map(|f| f.len())
+    }
+
+    /// Redacts a complete value (a header).
+    pub fn redact_all(&self, input: &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(input.len());
+        let mut hit = false;
+        let mut i = 0;
+        while i < input.len() {
+            if let Some(n) = self.match_at(input, i) {
+                out.extend_from_slice(REPLACEMENT);
+                i += n;
+                hit = true;
+            } else {
+                out.push(input[i]);
+                i += 1;
+            }
+        }
+        hit.then_some(out)
+    }
+
+    /// Feeds one chunk; returns what can be sent now. The last
+    /// `longest - 1` bytes are held back, since a form may start there.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        if self.forms.is_empty() {
+            return chunk.to_vec();
+        }
+        self.carry.extend_from_slice(chunk);
+        let buf = std::mem::take(&mut *self.carry);
+        let keep_from = buf.len().saturating_sub(self.longest - 1);
+        let mut out = Vec::with_capacity(buf.len());
+        let mut i = 0;
+        while i < keep_from {
+            if let Some(n) = self.match_at(&buf, i) {
+                out.extend_from_slice(REPLACEMENT);
+                i += n;
+            } else {
+                out.push(buf[i]);
+                i += 1;
+            }
+        }
+        // A match that started before `keep_from` may have consumed past it.
+        self.carry.extend_from_slice(&buf[i..]);
+        let _ = Zeroizing::new(buf);
+        out
+    }
+
+    /// End of stream: releases the held-back tail, redacted.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let tail = std::mem::take(&mut *self.carry);
+        let out = self.redact_all(&tail).unwrap_or_else(|| tail.clone());
+        let _ = Zeroizing::new(tail);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &[u8] = b"sk-proj-abcdefghijklmnopqrstuvwxyz0123456789";
+
+    fn run(r: &mut Redactor, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend(r.push(c));
+        }
+        out.extend(r.finish());
+        out
+    }
+
+    fn contains(h: &[u8], n: &[u8]) -> bool {
+        h.windows(n.len()).any(|w| w == n)
+    }
+
+    #[test]
+    fn plain_echo_is_replaced_whatever_the_chunking() {
+        let body = [b"{\"echo\":\"".as_slice(), KEY, b"\",\"n\":1}"].concat();
+        for split in 0..body.len() {
+            for split2 in split..body.len() {
+                let mut r = Redactor::new(&[KEY]);
+                let out = run(&mut r, &[&body[..split], &body[split..split2], &body[split2..]]);
+                assert!(!contains(&out, KEY), "split {split}/{split2}");
+                assert_eq!(out, [b"{\"echo\":\"".as_slice(), REPLACEMENT, b"\",\"n\":1}"].concat());
+            }
+        }
+    }
+
+    #[test]
+    fn base64_echo_at_any_alignment_is_replaced() {
+        for prefix in ["", "a", "ab", "Bearer:"] {
+            for engine in [&base64::engine::general_purpose::STANDARD, &base64::engine::general_purpose::URL_SAFE] {
+                let input = [prefix.as_bytes(), KEY, b"tail"].concat();
+                let encoded = engine.encode(&input);
+                let mut r = Redactor::new(&[KEY]);
+                let out = run(&mut r, &[encoded.as_bytes()]);
+                assert!(contains(&out, REPLACEMENT), "prefix {prefix:?}: {}", String::from_utf8_lossy(&out));
+                // What is left cannot be decoded back into the key.
+                let left = String::from_utf8_lossy(&out).replace("[redacted by keyward]", "");
+                assert!(left.len() < encoded.len() / 2, "prefix {prefix:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn innocent_bodies_pass_unchanged() {
+        let mut r = Redactor::new(&[KEY]);
+        let body = b"data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}]}\n\n".repeat(50);
+        let out = run(&mut r, &body.chunks(7).collect::<Vec<_>>());
+        assert_eq!(out, body);
+    }
+
+    #[test]
+    fn headers() {
+        let r = Redactor::new(&[KEY]);
+        assert!(r.redact_all(b"no key here").is_none());
+        let h = r.redact_all(&[b"Bearer ".as_slice(), KEY].concat()).unwrap();
+        assert_eq!(h, [b"Bearer ".as_slice(), REPLACEMENT].concat());
+    }
+}
