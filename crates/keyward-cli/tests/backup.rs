@@ -36,6 +36,7 @@ async fn check_copy(original: &Server, data_dir: &std::path::Path, database: Opt
         backend: original.backend,
         database,
         pg: None,
+        serve_args: Vec::new(),
         tmp: tempfile::tempdir().unwrap(),
         data_dir: data_dir.to_path_buf(),
         addr: String::new(),

@@ -2,6 +2,8 @@
 //! data dir, driven by the real CLI binary and a real HTTP client.
 #![allow(dead_code)]
 
+pub mod mock;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -37,6 +39,7 @@ pub struct Server {
     /// `--database` URL for PostgreSQL servers (a schema of their own).
     pub database: Option<String>,
     pub pg: Option<keyward_store::testing::TestSchema>,
+    pub serve_args: Vec<String>,
     pub tmp: tempfile::TempDir,
     pub data_dir: PathBuf,
     pub addr: String,
@@ -53,6 +56,8 @@ pub struct Opts {
     pub passphrase: Option<String>,
     /// A database URL of the test's own (instead of a fresh schema).
     pub database: Option<String>,
+    /// Extra `keyward serve` arguments (e.g. `--upstream-ca`, `--resolve`).
+    pub serve_args: Vec<String>,
 }
 
 /// A second server process sharing the first one's data dir and database.
@@ -127,6 +132,7 @@ impl Server {
             backend,
             database,
             pg,
+            serve_args: opts.serve_args.clone(),
             log: tmp.path().join("server.log"),
             tmp,
             data_dir,
@@ -163,6 +169,7 @@ impl Server {
         if let Some(db) = &self.database {
             cmd.args(["--database", db]);
         }
+        cmd.args(&self.serve_args);
         let mut child = cmd.env("KEYWARD_LOG", "debug").stdout(Stdio::piped()).stderr(log).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -192,6 +199,7 @@ impl Server {
         reqwest::Client::builder()
             .tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).unwrap())
             .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap()
     }

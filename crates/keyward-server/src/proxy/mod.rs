@@ -267,7 +267,7 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
         Ok(r) => r,
         Err(e) => {
             let err = upstream_error(&e);
-            tracing::warn!(request_id = ?meta.request_id, code = err.code, "proxy upstream failed");
+            tracing::warn!(request_id = ?meta.request_id, code = err.code, error = ?e, "proxy upstream failed");
             outcome.record(err.status.as_u16(), 0, Some(err.code)).await;
             return Err(err);
         }

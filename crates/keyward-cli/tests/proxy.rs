@@ -1,0 +1,378 @@
+//! The credential-injecting proxy against a local HTTPS mock of the
+//! providers: the mock must get the real key in the right slot and never the
+//! agent token; the agent must never get the real key back; no request may
+//! reach another origin with the key.
+//!
+//! The mock runs inside the test process: tests use a multi-threaded runtime
+//! so that it keeps answering while a test waits on a CLI or curl process.
+
+mod support;
+
+use std::time::Duration;
+
+use support::mock::Mock;
+use support::*;
+
+const KEY: &str = "sk-proj-REALKEY-0123456789abcdefghijklmnop";
+
+struct Setup {
+    s: Server,
+    mock: Mock,
+    token: String,
+}
+
+fn guard_pins() -> Vec<String> {
+    ["loop.test=127.0.0.1", "ten.test=10.0.0.1", "meta.test=169.254.169.254", "six.test=::1", "mock.test=127.0.0.1"]
+        .iter()
+        .flat_map(|p| ["--resolve".to_owned(), p.to_string()])
+        .collect()
+}
+
+async fn setup_on(b: Backend) -> Setup {
+    let mock = Mock::start().await;
+    let mut serve_args = vec!["--upstream-ca".to_owned(), mock.ca.display().to_string()];
+    serve_args.extend(guard_pins());
+    let s = Server::start_with(b, Opts { serve_args, ..Opts::default() }).await;
+    let origin = mock.origin();
+    s.put_secret(None, "openai", KEY, &["--provider", "openai", "--upstream", &origin, "--allow-internal-upstream"]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "openai", "proxy", &[]);
+    Setup { s, mock, token }
+}
+
+async fn setup() -> Setup {
+    setup_on(Backend::Sqlite).await
+}
+
+impl Setup {
+    fn url(&self, secret: &str, path: &str) -> String {
+        self.s.url(&format!("/proxy/{secret}{path}"))
+    }
+
+    async fn post(&self, secret: &str, path: &str, body: &str) -> reqwest::Response {
+        self.s
+            .http
+            .post(self.url(secret, path))
+            .bearer_auth(&self.token)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The mock saw the real key and never the agent token.
+    fn assert_upstream_clean(&self) {
+        for r in self.mock.requests() {
+            let all = r.all_text();
+            assert!(!all.contains(&self.token), "the agent token reached the upstream: {all}");
+            assert!(!all.contains("kwa_"), "an agent token reached the upstream: {all}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completion_with_the_real_key_in_the_bearer_slot() {
+    let t = setup().await;
+    let resp = t
+        .post("openai", "/v1/chat/completions", r#"{"model":"gpt-x","messages":[{"role":"user","content":"hi"}]}"#)
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("x-request-id"));
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello from the mock");
+    let seen = t.mock.last();
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(seen.header("authorization").unwrap(), format!("Bearer {KEY}"));
+    assert_eq!(seen.authority, format!("mock.test:{}", t.mock.port));
+    assert!(seen.header("x-keyward-purpose").is_none());
+    assert!(String::from_utf8_lossy(&seen.body).contains("\"gpt-x\""));
+    t.assert_upstream_clean();
+
+    // Audited before forwarding, completed afterwards, without query values.
+    let out = t.s.cli(&["audit", "--secret", "openai", "--json"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let events: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let used = events.iter().find(|e| e["action"] == "secret.proxy").expect("proxy use audited");
+    assert_eq!(used["outcome"], "allowed");
+    assert_eq!(used["reason"], "POST /v1/chat/completions");
+    assert_eq!(used["actor"]["name"], "bot");
+    assert_eq!(used["secret_version"], 1);
+    let done = events.iter().find(|e| e["action"] == "secret.proxy.done").expect("outcome audited");
+    assert!(done["reason"].as_str().unwrap().contains("status 200"), "{done}");
+    assert!(!text.contains(KEY));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_answers_arrive_chunk_by_chunk() {
+    let t = setup().await;
+    let mut resp = t
+        .post(
+            "openai",
+            "/v1/chat/completions",
+            r#"{"model":"gpt-x","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    // The first chunk arrives while the mock still holds back the last one.
+    let first = tokio::time::timeout(Duration::from_secs(5), resp.chunk())
+        .await
+        .expect("first chunk in time")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("Hel"));
+    t.mock.release.notify_one();
+    let mut rest = Vec::new();
+    while let Some(c) = resp.chunk().await.unwrap() {
+        rest.extend_from_slice(&c);
+    }
+    assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sdk_slot_is_read_and_every_preset_injects_its_way() {
+    let t = setup().await;
+    let origin = t.mock.origin();
+    let internal = "--allow-internal-upstream";
+    t.s.put_secret(
+        None,
+        "anthropic",
+        "sk-ant-REAL-111111111",
+        &["--provider", "anthropic", "--upstream", &origin, internal],
+    );
+    t.s.put_secret(None, "google", "AIzaREAL-2222222222", &["--provider", "google", "--upstream", &origin, internal]);
+    t.s.put_secret(
+        None,
+        "twilio",
+        "AC123:twilio-REAL-3333333",
+        &["--provider", "twilio", "--upstream", &origin, internal],
+    );
+    t.s.put_secret(
+        None,
+        "hdr",
+        "generic-REAL-4444444",
+        &["--upstream", &origin, internal, "--inject", "header:X-Service-Key:Key {value}"],
+    );
+    t.s.put_secret(
+        None,
+        "qry",
+        "generic-REAL-5555555",
+        &["--upstream", &origin, internal, "--inject", "query:api_key:{value}"],
+    );
+    for name in ["anthropic", "google", "twilio", "hdr", "qry"] {
+        t.s.grant(None, "bot", name, "proxy", &[]);
+    }
+    let h = &t.s.http;
+    let tok = &t.token;
+    let r = h.post(t.url("anthropic", "/v1/messages")).header("x-api-key", tok).body("{}").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = t.mock.last();
+    assert_eq!(seen.header("x-api-key").unwrap(), "sk-ant-REAL-111111111");
+    assert!(seen.header("authorization").is_none());
+
+    let r = h.get(t.url("google", &format!("/v1beta/models?alt=json&key={tok}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = t.mock.last();
+    assert_eq!(seen.header("x-goog-api-key").unwrap(), "AIzaREAL-2222222222");
+    assert_eq!(seen.query.as_deref(), Some("alt=json"));
+
+    let r = h.get(t.url("twilio", "/2010-04-01/Accounts.json")).basic_auth("AC123", Some(tok)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    use base64::Engine;
+    let expected = base64::engine::general_purpose::STANDARD.encode("AC123:twilio-REAL-3333333");
+    assert_eq!(t.mock.last().header("authorization").unwrap(), format!("Basic {expected}"));
+
+    let r = h.get(t.url("hdr", "/x")).bearer_auth(tok).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(t.mock.last().header("x-service-key").unwrap(), "Key generic-REAL-4444444");
+
+    let r = h.get(t.url("qry", "/x?a=1")).bearer_auth(tok).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(t.mock.last().query.as_deref(), Some("a=1&api_key=generic-REAL-5555555"));
+    t.assert_upstream_clean();
+
+    // A value that could break a header is refused when stored.
+    let out = t.s.cli_stdin(&["secret", "put", "bad", "--provider", "openai"], b"sk-1\r\nX-Evil: 1");
+    assert!(!out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_tricks_never_leave_the_bound_origin() {
+    let t = setup().await;
+    let before = t.mock.requests().len();
+    for path in ["/../v1/x", "/v1/%2e%2e/x", "//evil.example/x", "/%2F%2Fevil.example/x", "/a%5cb"] {
+        // Sent raw: reqwest would normalise dot segments itself.
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--path-as-is", "--cacert"])
+            .arg(&t.s.ca)
+            .args(["-H", &format!("Authorization: Bearer {}", t.token)])
+            .arg(t.url("openai", path))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "{path}");
+    }
+    assert_eq!(t.mock.requests().len(), before, "no tricked request reached the upstream");
+
+    // Absolute-form request target and a foreign Host header: still the bound origin.
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--http1.1", "--cacert"])
+        .arg(&t.s.ca)
+        .args(["-H", &format!("Authorization: Bearer {}", t.token), "-H", "Host: evil.example"])
+        .args(["--request-target", &format!("https://evil.example/proxy/openai/v1/models")])
+        .arg(t.s.url("/"))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(body.contains("\"ok\":true"), "{body} {}", String::from_utf8_lossy(&out.stderr));
+    let seen = t.mock.last();
+    assert_eq!(seen.path, "/v1/models", "{body}");
+    assert_eq!(seen.authority, format!("mock.test:{}", t.mock.port));
+
+    // Redirects are passed back, never followed.
+    let r = t.s.http.get(t.url("openai", "/redirect")).bearer_auth(&t.token).send().await.unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], "https://evil.example/steal");
+    assert_eq!(t.mock.last().path, "/redirect");
+    t.assert_upstream_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoed_keys_are_redacted_everywhere() {
+    let t = setup().await;
+    let h = &t.s.http;
+    let r = h.get(t.url("openai", "/echo/header")).bearer_auth(&t.token).send().await.unwrap();
+    let echo = r.headers()["x-echo"].to_str().unwrap().to_owned();
+    assert_eq!(echo, "Bearer [redacted by keyward]");
+    for path in ["/echo/json", "/echo/base64", "/echo/sse-split"] {
+        let body = h.get(t.url("openai", path)).bearer_auth(&t.token).send().await.unwrap().text().await.unwrap();
+        assert!(!body.contains(KEY), "{path}: {body}");
+        assert!(body.contains("[redacted by keyward]"), "{path}: {body}");
+        use base64::Engine;
+        for engine in [&base64::engine::general_purpose::STANDARD, &base64::engine::general_purpose::URL_SAFE] {
+            for prefix in ["", "x", "xy"] {
+                let enc = engine.encode(format!("{prefix}{KEY}"));
+                assert!(!body.contains(&enc[4..enc.len() - 4]), "{path}: base64 of the key leaked");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_requests_never_reach_the_upstream() {
+    let t = setup().await;
+    t.s.cli_json(&["org", "create", "acme"]);
+    let other_org = t.s.agent(Some("acme"), "bot");
+    t.s.put_secret(
+        None,
+        "reveal-only",
+        KEY,
+        &["--provider", "openai", "--upstream", &t.mock.origin(), "--allow-internal-upstream"],
+    );
+    t.s.grant(None, "bot", "reveal-only", "reveal", &[]);
+    let before = t.mock.requests().len();
+    let h = &t.s.http;
+    let get = |secret: &str, tok: Option<&str>| {
+        let mut r = h.get(t.url(secret, "/v1/models"));
+        if let Some(tok) = tok {
+            r = r.bearer_auth(tok);
+        }
+        r.send()
+    };
+    let r = get("openai", None).await.unwrap();
+    assert_eq!(r.status(), 401, "no token");
+    let r = get("openai", Some(&other_org)).await.unwrap();
+    assert_eq!(r.status(), 404, "a token of another org");
+    let r = get("reveal-only", Some(&t.token)).await.unwrap();
+    assert_eq!((r.status().as_u16(), error_code(&r.text().await.unwrap()).as_str()), (403, "proxy_not_granted"));
+    assert!(t.s.cli(&["secret", "revoke", "openai"]).status.success());
+    let r = get("openai", Some(&t.token)).await.unwrap();
+    assert_eq!((r.status().as_u16(), error_code(&r.text().await.unwrap()).as_str()), (403, "no_current_version"));
+    assert!(t.s.cli_stdin(&["secret", "rotate", "openai"], KEY.as_bytes()).status.success());
+    t.s.grant(None, "bot", "openai", "proxy", &["--expires", "1s"]);
+    std::thread::sleep(Duration::from_millis(1300));
+    let r = get("openai", Some(&t.token)).await.unwrap();
+    assert_eq!((r.status().as_u16(), error_code(&r.text().await.unwrap()).as_str()), (403, "grant_expired"));
+    assert_eq!(t.mock.requests().len(), before, "no denied request was forwarded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_guard_refuses_internal_and_metadata_addresses() {
+    let t = setup().await;
+    let port = t.mock.port;
+    let cases = [
+        ("loop", format!("https://loop.test:{port}"), false, "127.0.0.1"),
+        ("ten", "https://ten.test".to_owned(), false, "10.0.0.1"),
+        ("six", format!("https://six.test:{port}"), false, "::1"),
+        ("meta", "https://meta.test".to_owned(), true, "169.254.169.254"),
+        ("metalit", "https://169.254.169.254".to_owned(), true, "169.254.169.254"),
+        ("loopl", format!("https://127.0.0.1:{port}"), false, "127.0.0.1"),
+    ];
+    for (name, origin, allow, _) in &cases {
+        let mut args = vec!["--provider", "openai", "--upstream", origin.as_str()];
+        if *allow {
+            args.push("--allow-internal-upstream");
+        }
+        t.s.put_secret(None, name, KEY, &args);
+        t.s.grant(None, "bot", name, "proxy", &[]);
+    }
+    let before = t.mock.requests().len();
+    for (name, _, _, addr) in &cases {
+        let r = t.s.http.get(t.url(name, "/v1/models")).bearer_auth(&t.token).send().await.unwrap();
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        assert_eq!((status, error_code(&body).as_str()), (403, "upstream_forbidden"), "{name}: {body}");
+        assert!(body.contains(addr), "{name}: {body}");
+    }
+    assert_eq!(t.mock.requests().len(), before);
+    // The same loopback upstream works once the secret allows it.
+    let r = t.s.http.get(t.url("openai", "/v1/models")).bearer_auth(&t.token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_are_clean_errors_and_the_proxy_keeps_serving() {
+    let t = setup().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    t.s.put_secret(
+        None,
+        "down",
+        KEY,
+        &["--provider", "openai", "--upstream", &format!("https://mock.test:{closed}"), "--allow-internal-upstream"],
+    );
+    t.s.grant(None, "bot", "down", "proxy", &[]);
+    let r = t.s.http.get(t.url("down", "/v1/models")).bearer_auth(&t.token).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(error_code(&r.text().await.unwrap()), "upstream_unreachable");
+
+    // Reset mid-stream: the agent sees the stream fail, not a clean end.
+    let r = t.s.http.get(t.url("openai", "/reset")).bearer_auth(&t.token).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert!(r.bytes().await.is_err(), "a truncated stream must not look complete");
+
+    let r = t.post("openai", "/v1/chat/completions", "{}").await;
+    assert_eq!(r.status(), 200, "still serving");
+    let out = t.s.cli(&["audit", "--action", "secret.proxy.done", "--json"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("upstream_unreachable"), "{text}");
+    assert!(text.contains("upstream_reset"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_applies_to_the_very_next_request() {
+    let t = setup().await;
+    assert_eq!(t.post("openai", "/v1/models", "").await.status(), 200);
+    assert_eq!(t.mock.last().header("authorization").unwrap(), format!("Bearer {KEY}"));
+    assert!(t.s.cli_stdin(&["secret", "rotate", "openai"], b"sk-proj-ROTATED-999999999").status.success());
+    assert_eq!(t.post("openai", "/v1/models", "").await.status(), 200);
+    assert_eq!(t.mock.last().header("authorization").unwrap(), "Bearer sk-proj-ROTATED-999999999");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_works_on_postgres_too() {
+    let t = setup_on(Backend::Postgres).await;
+    let r = t.post("openai", "/v1/chat/completions", "{}").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(t.mock.last().header("authorization").unwrap(), format!("Bearer {KEY}"));
+    t.assert_upstream_clean();
+}
