@@ -219,7 +219,7 @@ async fn path_tricks_never_leave_the_bound_origin() {
         .args(["-s", "--http1.1", "--cacert"])
         .arg(&t.s.ca)
         .args(["-H", &format!("Authorization: Bearer {}", t.token), "-H", "Host: evil.example"])
-        .args(["--request-target", &format!("https://evil.example/proxy/openai/v1/models")])
+        .args(["--request-target", "https://evil.example/proxy/openai/v1/models"])
         .arg(t.s.url("/"))
         .output()
         .unwrap();
