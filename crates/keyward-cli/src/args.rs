@@ -238,6 +238,11 @@ pub enum AgentCmd {
     Disable {
         name: String,
     },
+    /// Print the environment an agent needs for its proxy grants (base URL
+    /// per provider SDK, token placeholder): moving an agent is copy-paste.
+    Env {
+        name: String,
+    },
     Enable {
         name: String,
     },

@@ -13,7 +13,9 @@ use crate::commands::CliError;
 
 pub struct Client {
     http: reqwest::Client,
-    base: String,
+    pub base: String,
+    /// The CA file the client trusts for the server, if any.
+    pub cacert: Option<PathBuf>,
     token: Option<Zeroizing<String>>,
     pub org: String,
 }
@@ -54,7 +56,7 @@ impl Client {
         }
         let http = builder.build().map_err(|e| CliError::Connect(format!("HTTP client: {e}")))?;
         let token = std::env::var("KEYWARD_TOKEN").ok().filter(|t| !t.is_empty()).map(Zeroizing::new);
-        Ok(Self { http, base: addr, token, org: conn.org.clone() })
+        Ok(Self { http, base: addr, cacert, token, org: conn.org.clone() })
     }
 
     pub fn org_path(&self, rest: &str) -> String {

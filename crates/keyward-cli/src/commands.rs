@@ -460,6 +460,7 @@ async fn agent(c: &Client, cmd: AgentCmd, json: bool) -> Result<(), CliError> {
             }
             v
         }
+        AgentCmd::Env { name } => return agent_env(c, &name, json).await,
         AgentCmd::Disable { name } => toggle(c, &name, "disable").await?,
         AgentCmd::Enable { name } => toggle(c, &name, "enable").await?,
     };
@@ -469,6 +470,89 @@ async fn agent(c: &Client, cmd: AgentCmd, json: bool) -> Result<(), CliError> {
         return Ok(());
     }
     print_json(&v);
+    Ok(())
+}
+
+/// Environment lines per provider SDK: (variable, value) pairs and notes.
+fn sdk_env(provider: &str, base: &str, secret: &str) -> (Vec<(String, String)>, Option<&'static str>) {
+    let url = format!("{base}/proxy/{secret}");
+    let token = "${KEYWARD_AGENT_TOKEN}".to_owned();
+    let pairs = |v: &[(&str, String)]| v.iter().map(|(k, x)| (k.to_string(), x.clone())).collect();
+    match provider {
+        "openai" => (pairs(&[("OPENAI_BASE_URL", format!("{url}/v1")), ("OPENAI_API_KEY", token)]), None),
+        "anthropic" => (pairs(&[("ANTHROPIC_BASE_URL", url), ("ANTHROPIC_API_KEY", token)]), None),
+        "google" => (
+            pairs(&[("GOOGLE_GEMINI_BASE_URL", url), ("GEMINI_API_KEY", token.clone()), ("GOOGLE_API_KEY", token)]),
+            Some("google-genai: Client(http_options={'base_url': GOOGLE_GEMINI_BASE_URL})"),
+        ),
+        "stripe" => (
+            pairs(&[("STRIPE_API_BASE", url), ("STRIPE_API_KEY", token)]),
+            Some("stripe-python: stripe.api_base = os.environ['STRIPE_API_BASE']"),
+        ),
+        "slack" => (
+            pairs(&[("SLACK_API_URL", format!("{url}/api/")), ("SLACK_BOT_TOKEN", token)]),
+            Some("slack_sdk: WebClient(token=..., base_url=os.environ['SLACK_API_URL'])"),
+        ),
+        "github" => (
+            pairs(&[("GITHUB_API_URL", url), ("GITHUB_TOKEN", token)]),
+            Some("octokit: new Octokit({ baseUrl, auth })"),
+        ),
+        "twilio" => (
+            pairs(&[("TWILIO_API_BASE", url), ("TWILIO_AUTH_TOKEN", token)]),
+            Some("twilio: send HTTP Basic with your account SID as user and the agent token as password"),
+        ),
+        _ => {
+            let var = format!("KEYWARD_{}_URL", secret.to_ascii_uppercase().replace(['-', '.'], "_"));
+            (
+                pairs(&[(&var, url), ("KEYWARD_AGENT_TOKEN", token)]),
+                Some("send the agent token as Authorization: Bearer"),
+            )
+        }
+    }
+}
+
+async fn agent_env(c: &Client, name: &str, json: bool) -> Result<(), CliError> {
+    let agent = c.get(&c.org_path(&format!("/agents/{}", seg(name)))).await?;
+    let secrets = c.get(&c.org_path("/secrets")).await?;
+    let by_id: std::collections::HashMap<&str, &Value> =
+        secrets["secrets"].as_array().into_iter().flatten().filter_map(|s| Some((s["id"].as_str()?, s))).collect();
+    let mut env = serde_json::Map::new();
+    let mut lines = vec![
+        format!("# keyward proxy environment for agent {name}"),
+        format!("# KEYWARD_AGENT_TOKEN: {name}'s kwa_ token (shown once at `keyward agent create`)"),
+    ];
+    if let Some(ca) = &c.cacert {
+        let ca = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.clone());
+        for var in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"] {
+            lines.push(format!("{var}={}", ca.display()));
+            env.insert(var.into(), json!(ca));
+        }
+    }
+    let mut any = false;
+    for g in agent["grants"].as_array().into_iter().flatten().filter(|g| g["modes"]["proxy"] == true) {
+        let Some(secret) = g["secret_id"].as_str().and_then(|id| by_id.get(id)) else { continue };
+        let (name, provider) = (s(&secret["name"]), s(&secret["provider"]));
+        let (pairs, note) = sdk_env(&provider, &c.base, &name);
+        lines.push(format!("# {name} ({provider})"));
+        if let Some(n) = note {
+            lines.push(format!("#   {n}"));
+        }
+        for (k, v) in pairs {
+            lines.push(format!("{k}={v}"));
+            env.insert(k, json!(v));
+        }
+        any = true;
+    }
+    if !any {
+        return Err(CliError::Usage(format!(
+            "agent {name} has no proxy grant; add one with `keyward grant add --mode proxy`"
+        )));
+    }
+    if json {
+        print_json(&json!({ "env": env }));
+    } else {
+        println!("{}", lines.join("\n"));
+    }
     Ok(())
 }
 

@@ -249,6 +249,10 @@ async fn answer(State(st): State<MockState>, req: Request) -> Response {
                 None,
             )
         }
+        "/release" => {
+            st.release.notify_one();
+            json(serde_json::json!({"released": true}))
+        }
         "/redirect" => (StatusCode::FOUND, [("location", "https://evil.example/steal")]).into_response(),
         "/reset" => {
             let chunks = vec![
