@@ -519,7 +519,7 @@ async fn agent_env(c: &Client, name: &str, json: bool) -> Result<(), CliError> {
     let mut env = serde_json::Map::new();
     let mut lines = vec![
         format!("# keyward proxy environment for agent {name}"),
-        format!("# KEYWARD_AGENT_TOKEN: {name}'s kwa_ token (shown once at `keyward agent create`)"),
+        format!("# set KEYWARD_AGENT_TOKEN to {name}'s agent token (printed once by `keyward agent create`)"),
     ];
     if let Some(ca) = &c.cacert {
         let ca = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.clone());

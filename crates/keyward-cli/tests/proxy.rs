@@ -376,3 +376,28 @@ async fn proxy_works_on_postgres_too() {
     assert_eq!(t.mock.last().header("authorization").unwrap(), format!("Bearer {KEY}"));
     t.assert_upstream_clean();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_env_prints_what_an_agent_needs() {
+    let t = setup().await;
+    t.s.put_secret(None, "claude", "sk-ant-x-123456789", &["--provider", "anthropic"]);
+    t.s.grant(None, "bot", "claude", "proxy", &[]);
+    t.s.put_secret(None, "db-url", "postgres://u:p@h/db", &[]);
+    t.s.grant(None, "bot", "db-url", "reveal", &[]);
+    let out = t.s.cli(&["agent", "env", "bot"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(&format!("OPENAI_BASE_URL={}/proxy/openai/v1", t.s.addr)), "{text}");
+    assert!(text.contains("OPENAI_API_KEY=${KEYWARD_AGENT_TOKEN}"), "{text}");
+    assert!(text.contains(&format!("ANTHROPIC_BASE_URL={}/proxy/claude", t.s.addr)), "{text}");
+    assert!(text.contains("SSL_CERT_FILE="), "{text}");
+    assert!(!text.contains("db-url"), "reveal-only grants need no proxy environment: {text}");
+    assert!(!text.contains("kwa_") && !text.contains(KEY), "{text}");
+    let v = t.s.cli_json(&["agent", "env", "bot"]);
+    assert_eq!(v["env"]["ANTHROPIC_API_KEY"], "${KEYWARD_AGENT_TOKEN}");
+    // An agent without proxy grants gets a clear error.
+    t.s.agent(None, "idle");
+    let out = t.s.cli(&["agent", "env", "idle"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no proxy grant"));
+}
