@@ -401,3 +401,54 @@ async fn agent_env_prints_what_an_agent_needs() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no proxy grant"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_handshake_carries_the_real_key_and_frames_flow_both_ways() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let t = setup().await;
+    let origin = format!("https://mock.test:{}", t.mock.ws_port);
+    t.s.put_secret(
+        None,
+        "realtime",
+        KEY,
+        &["--provider", "openai", "--upstream", &origin, "--allow-internal-upstream"],
+    );
+    t.s.grant(None, "bot", "realtime", "proxy", &[]);
+
+    // TLS to keyward with its CA, HTTP/1.1 (WebSocket upgrades need it).
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&t.s.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let addr = t.s.addr.trim_start_matches("https://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    let mut req = format!("wss://{addr}/proxy/realtime/v1/realtime?model=gpt-x").into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {}", t.token).parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tls).await.expect("handshake through keyward");
+    assert_eq!(resp.status(), 101);
+
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(vec![1u8, 2, 3]));
+    // The upstream echoes the key: the agent gets it redacted.
+    ws.send(Message::text("send-key")).await.unwrap();
+    let echoed = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    assert_eq!(echoed.as_str(), "your key: Bearer [redacted by keyward]");
+    ws.close(None).await.ok();
+
+    assert_eq!(t.mock.ws_auth.lock().unwrap().clone(), vec![format!("Bearer {KEY}")]);
+}

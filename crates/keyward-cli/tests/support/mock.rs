@@ -47,6 +47,10 @@ struct MockState {
 
 pub struct Mock {
     pub port: u16,
+    /// A WebSocket echo server (same certificate): records the handshake's
+    /// credential; answers `send-key` with that credential, echoes the rest.
+    pub ws_port: u16,
+    pub ws_auth: Arc<Mutex<Vec<String>>>,
     pub ca: PathBuf,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Lets a streaming answer send its last chunk.
@@ -79,6 +83,8 @@ impl Mock {
         )
         .await
         .unwrap();
+        let ws_auth: Arc<Mutex<Vec<String>>> = Arc::default();
+        let ws_port = start_ws_echo(cfg.get_inner(), ws_auth.clone()).await;
         let state = MockState { seen: Arc::default(), release: Arc::new(tokio::sync::Notify::new()) };
         let app = axum::Router::new().fallback(answer).with_state(state.clone());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -87,7 +93,7 @@ impl Mock {
         let handle = axum_server::Handle::new();
         let server = axum_server::from_tcp_rustls(listener, cfg).unwrap().handle(handle.clone());
         tokio::spawn(async move { server.serve(app.into_make_service()).await });
-        Mock { port, ca: ca_path, seen: state.seen, release: state.release, handle, _dir: dir }
+        Mock { port, ws_port, ws_auth, ca: ca_path, seen: state.seen, release: state.release, handle, _dir: dir }
     }
 
     pub fn origin(&self) -> String {
@@ -101,6 +107,51 @@ impl Mock {
     pub fn last(&self) -> Seen {
         self.requests().pop().expect("the mock received a request")
     }
+}
+
+async fn start_ws_echo(tls: Arc<rustls::ServerConfig>, auth: Arc<Mutex<Vec<String>>>) -> u16 {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut cfg = (*tls).clone();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, auth) = (acceptor.clone(), auth.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let seen = Arc::new(Mutex::new(String::new()));
+                let seen2 = seen.clone();
+                #[allow(clippy::result_large_err)] // the signature is tungstenite's
+                let callback = move |req: &tokio_tungstenite::tungstenite::handshake::server::Request, resp| {
+                    let a =
+                        req.headers().get("authorization").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+                    *seen2.lock().unwrap() = a;
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tls, callback).await else { return };
+                let credential = seen.lock().unwrap().clone();
+                auth.lock().unwrap().push(credential.clone());
+                while let Some(Ok(msg)) = ws.next().await {
+                    let reply = match msg {
+                        Message::Text(t) if t.as_str() == "send-key" => {
+                            Message::text(format!("your key: {credential}"))
+                        }
+                        Message::Text(t) => Message::Text(t),
+                        Message::Binary(b) => Message::Binary(b),
+                        Message::Close(_) => break,
+                        _ => continue,
+                    };
+                    if ws.send(reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
 }
 
 /// The credential the request carried, in whichever slot.
@@ -140,6 +191,10 @@ fn async_stream(
             }
         } else if i > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if c.is_err() {
+            // Long after the headers: the reset is unambiguously mid-stream.
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
         Some((c, (it, release)))
     })

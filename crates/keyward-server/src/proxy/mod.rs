@@ -9,6 +9,7 @@
 mod guard;
 mod presets;
 mod redact;
+mod websocket;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -33,6 +34,9 @@ pub use guard::{AddrClass, Lookup, classify};
 pub struct Upstreams {
     strict: reqwest::Client,
     internal: reqwest::Client,
+    /// HTTP/1.1-only twins for WebSocket handshakes (upgrades need HTTP/1.1).
+    strict_h1: reqwest::Client,
+    internal_h1: reqwest::Client,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +66,10 @@ impl Upstreams {
             }
             None => Vec::new(),
         };
-        let build = |allow_internal: bool| {
-            reqwest::Client::builder()
-                .no_proxy()
+        let build = |allow_internal: bool, h1: bool| {
+            let b = reqwest::Client::builder();
+            let b = if h1 { b.http1_only() } else { b };
+            b.no_proxy()
                 .redirect(reqwest::redirect::Policy::none())
                 .retry(reqwest::retry::never())
                 .referer(false)
@@ -77,7 +82,12 @@ impl Upstreams {
                 .build()
                 .map_err(|e| UpstreamSetupError::Client(e.to_string()))
         };
-        Ok(Self { strict: build(false)?, internal: build(true)? })
+        Ok(Self {
+            strict: build(false, false)?,
+            internal: build(true, false)?,
+            strict_h1: build(false, true)?,
+            internal_h1: build(true, true)?,
+        })
     }
 }
 
@@ -191,15 +201,19 @@ pub async fn handle(State(s): State<AppState>, Meta(meta): Meta, req: Request) -
 
 async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let (secret_ref, path) = split_path(parts.uri.path())?;
-    if parts.headers.contains_key(header::UPGRADE) {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "upgrade_unsupported",
-            "protocol upgrades are not proxied yet",
-        ));
-    }
+    let websocket = match parts.headers.get(header::UPGRADE) {
+        None => None,
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"websocket") => {
+            let on_upgrade = parts
+                .extensions
+                .remove::<hyper::upgrade::OnUpgrade>()
+                .ok_or_else(|| ApiError::bad_request("upgrade_unsupported", "WebSocket upgrades need HTTP/1.1"))?;
+            Some(on_upgrade)
+        }
+        Some(_) => return Err(ApiError::bad_request("upgrade_unsupported", "only WebSocket upgrades are proxied")),
+    };
     let token = presets::find_agent_token(&parts.headers, parts.uri.query()).map(|(t, _)| t);
     // No query values in the audit trail: they may carry data.
     meta.target = Some(format!("{} {}", parts.method, path));
@@ -238,6 +252,12 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     for h in hop_by_hop(&parts.headers) {
         headers.remove(h);
     }
+    if websocket.is_some() {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        // No permessage-deflate: frames must stay plain to be redacted.
+        headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    }
     headers.remove(header::HOST);
     headers.remove(crate::handlers::PURPOSE_HEADER);
     // Compressed answers could hide an echoed key from redaction.
@@ -251,11 +271,16 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     );
     drop(query);
 
-    let client = if secret.allow_internal { &s.upstreams.internal } else { &s.upstreams.strict };
-    let upstream_req = client
-        .request(parts.method.clone(), &url)
-        .headers(headers)
-        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    let client = match (secret.allow_internal, websocket.is_some()) {
+        (false, false) => &s.upstreams.strict,
+        (true, false) => &s.upstreams.internal,
+        (false, true) => &s.upstreams.strict_h1,
+        (true, true) => &s.upstreams.internal_h1,
+    };
+    let mut upstream_req = client.request(parts.method.clone(), &url).headers(headers);
+    if websocket.is_none() {
+        upstream_req = upstream_req.body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    }
     let outcome = Outcome {
         vault: s.vault.clone(),
         record: released.record.clone(),
@@ -274,6 +299,9 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     };
 
     let status = resp.status();
+    if let (Some(agent_side), StatusCode::SWITCHING_PROTOCOLS) = (websocket, status) {
+        return websocket_tunnel(resp, agent_side, redactor, outcome).await;
+    }
     let mut out_headers = HeaderMap::new();
     let hop = hop_by_hop(resp.headers());
     for (name, v) in resp.headers() {
@@ -324,6 +352,45 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     *response.status_mut() = status;
     *response.headers_mut() = out_headers;
     Ok(response)
+}
+
+/// Answers 101 and joins the agent's and the upstream's connections.
+async fn websocket_tunnel(
+    resp: reqwest::Response,
+    agent_side: hyper::upgrade::OnUpgrade,
+    redactor: redact::Redactor,
+    outcome: Outcome,
+) -> Result<Response, ApiError> {
+    let mut out = Response::new(Body::empty());
+    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    for name in [header::UPGRADE, header::CONNECTION, header::SEC_WEBSOCKET_ACCEPT, header::SEC_WEBSOCKET_PROTOCOL] {
+        if let Some(v) = resp.headers().get(&name) {
+            let v = redactor.redact_all(v.as_bytes()).map_or(Ok(v.clone()), |c| HeaderValue::from_bytes(&c));
+            out.headers_mut().insert(name, v.unwrap_or(HeaderValue::from_static("[redacted by keyward]")));
+        }
+    }
+    let upstream = resp.upgrade().await.map_err(|e| upstream_error(&e))?;
+    tokio::spawn(async move {
+        let agent = match agent_side.await {
+            Ok(a) => hyper_util::rt::TokioIo::new(a),
+            Err(_) => return outcome.record(101, 0, Some("agent_upgrade_failed")).await,
+        };
+        let (agent_read, mut agent_write) = tokio::io::split(agent);
+        let (mut upstream_read, upstream_write) = tokio::io::split(upstream);
+        let mut agent_read = agent_read;
+        let mut upstream_write = upstream_write;
+        let up = async { tokio::io::copy(&mut agent_read, &mut upstream_write).await };
+        let down = websocket::copy_redacted(&mut upstream_read, &mut agent_write, redactor);
+        let (sent, failure) = tokio::select! {
+            r = down => match r {
+                Ok(n) => (n, None),
+                Err(_) => (0, Some("websocket_error")),
+            },
+            _ = up => (0, None),
+        };
+        outcome.record(101, sent, failure).await;
+    });
+    Ok(out)
 }
 
 /// Completes a proxied request's audit record once the answer is over.
