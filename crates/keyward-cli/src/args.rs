@@ -133,6 +133,9 @@ pub struct ServeArgs {
     /// network guard still checks the address.
     #[arg(long = "resolve")]
     pub resolve: Vec<String>,
+    /// Seconds an upstream may stay silent before the proxy gives up (default 300).
+    #[arg(long)]
+    pub upstream_timeout: Option<u64>,
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,

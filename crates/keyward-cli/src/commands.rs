@@ -226,6 +226,7 @@ async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
         listen: a.listen,
         upstream_ca: a.upstream_ca.clone(),
         resolve: (!a.resolve.is_empty()).then(|| a.resolve.clone()),
+        upstream_timeout: a.upstream_timeout,
         log_format: a.log_format.clone(),
         ..server_config(conn, &ServerOpts { config: None, ..a.server.clone() })?
     };
@@ -256,8 +257,9 @@ async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
         println!("keyward listening on {url}{}", if sealed { " (sealed: run `keyward unseal`)" } else { "" });
         let _ = std::io::stdout().flush();
     };
+    let idle = std::time::Duration::from_secs(cfg.upstream_timeout.unwrap_or(300).max(1));
     let upstreams =
-        keyward_server::proxy::Upstreams::new(cfg.upstream_ca.as_deref(), cfg.resolve.as_deref().unwrap_or(&[]))
+        keyward_server::proxy::Upstreams::new(cfg.upstream_ca.as_deref(), cfg.resolve.as_deref().unwrap_or(&[]), idle)
             .map_err(setup)?;
     keyward_server::serve::run(Arc::clone(&vault), Arc::new(upstreams), cfg.listen(), tls, on_listening)
         .await

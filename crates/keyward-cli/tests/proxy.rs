@@ -30,7 +30,12 @@ fn guard_pins() -> Vec<String> {
 
 async fn setup_on(b: Backend) -> Setup {
     let mock = Mock::start().await;
-    let mut serve_args = vec!["--upstream-ca".to_owned(), mock.ca.display().to_string()];
+    let mut serve_args = vec![
+        "--upstream-ca".to_owned(),
+        mock.ca.display().to_string(),
+        "--upstream-timeout".to_owned(),
+        "2".to_owned(),
+    ];
     serve_args.extend(guard_pins());
     let s = Server::start_with(b, Opts { serve_args, ..Opts::default() }).await;
     let origin = mock.origin();
@@ -95,7 +100,7 @@ async fn chat_completion_with_the_real_key_in_the_bearer_slot() {
     let events: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let used = events.iter().find(|e| e["action"] == "secret.proxy").expect("proxy use audited");
     assert_eq!(used["outcome"], "allowed");
-    assert_eq!(used["reason"], "POST /v1/chat/completions");
+    assert_eq!(used["reason"], format!("POST {}/v1/chat/completions", t.mock.origin()));
     assert_eq!(used["actor"]["name"], "bot");
     assert_eq!(used["secret_version"], 1);
     let done = events.iter().find(|e| e["action"] == "secret.proxy.done").expect("outcome audited");
@@ -349,6 +354,11 @@ async fn upstream_failures_are_clean_errors_and_the_proxy_keeps_serving() {
     let r = t.s.http.get(t.url("openai", "/reset")).bearer_auth(&t.token).send().await.unwrap();
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
     assert!(r.bytes().await.is_err(), "a truncated stream must not look complete");
+
+    // An upstream that does not answer in time: 504.
+    let r = t.s.http.get(t.url("openai", "/slow")).bearer_auth(&t.token).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(error_code(&r.text().await.unwrap()), "upstream_timeout");
 
     let r = t.post("openai", "/v1/chat/completions", "{}").await;
     assert_eq!(r.status(), 200, "still serving");

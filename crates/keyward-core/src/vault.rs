@@ -565,7 +565,13 @@ impl Vault {
         draft.secret_name = Some(secret.name.clone());
         draft.secret_version = Some(version.version);
         draft.outcome = Outcome::Allowed;
-        draft.reason = meta.target.as_deref().map(clean_free_text);
+        // Proxy targets ("METHOD /path") gain the origin the key goes to.
+        draft.reason = meta.target.as_deref().map(|t| match (mode, t.split_once(' '), &secret.upstream) {
+            (UseMode::Proxy, Some((method, path)), Some(origin)) => {
+                clean_free_text(&format!("{method} {origin}{path}"))
+            }
+            _ => clean_free_text(t),
+        });
         let record = UseRecord {
             org_id: agent.org_id.clone(),
             actor: draft.actor.clone(),

@@ -23,6 +23,9 @@ pub struct ServeConfig {
     /// Pinned upstream addresses, `HOST=ADDRESS` (like curl's --resolve);
     /// still checked by the network guard.
     pub resolve: Option<Vec<String>>,
+    /// Seconds an upstream may stay silent (before its headers, or between
+    /// two chunks) before the proxy gives up: 504, or a cut stream.
+    pub upstream_timeout: Option<u64>,
     /// `text` (default) or `json`.
     pub log_format: Option<String>,
 }
@@ -55,6 +58,7 @@ impl ServeConfig {
             tls_key: self.tls_key.or(file.tls_key),
             upstream_ca: self.upstream_ca.or(file.upstream_ca),
             resolve: self.resolve.or(file.resolve),
+            upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
             log_format: self.log_format.or(file.log_format),
         }
     }

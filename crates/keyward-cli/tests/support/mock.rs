@@ -308,6 +308,10 @@ async fn answer(State(st): State<MockState>, req: Request) -> Response {
             st.release.notify_one();
             json(serde_json::json!({"released": true}))
         }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            json(serde_json::json!({"late": true}))
+        }
         "/redirect" => (StatusCode::FOUND, [("location", "https://evil.example/steal")]).into_response(),
         "/reset" => {
             let chunks = vec![

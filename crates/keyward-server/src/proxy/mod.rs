@@ -50,7 +50,11 @@ pub enum UpstreamSetupError {
 }
 
 impl Upstreams {
-    pub fn new(upstream_ca: Option<&Path>, pins: &[String]) -> Result<Self, UpstreamSetupError> {
+    pub fn new(
+        upstream_ca: Option<&Path>,
+        pins: &[String],
+        idle_timeout: Duration,
+    ) -> Result<Self, UpstreamSetupError> {
         let mut pinned: HashMap<String, Vec<IpAddr>> = HashMap::new();
         for p in pins {
             let (host, addr) = p.split_once('=').ok_or_else(|| UpstreamSetupError::Pin(p.clone()))?;
@@ -74,7 +78,7 @@ impl Upstreams {
                 .retry(reqwest::retry::never())
                 .referer(false)
                 .connect_timeout(Duration::from_secs(10))
-                .read_timeout(Duration::from_secs(300))
+                .read_timeout(idle_timeout)
                 .pool_idle_timeout(Duration::from_secs(90))
                 .tcp_nodelay(true)
                 .tls_certs_merge(roots.clone())
