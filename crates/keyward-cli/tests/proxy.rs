@@ -349,6 +349,18 @@ async fn upstream_failures_are_clean_errors_and_the_proxy_keeps_serving() {
     let r = t.s.http.get(t.url("down", "/v1/models")).bearer_auth(&t.token).send().await.unwrap();
     assert_eq!(r.status(), 502);
     assert_eq!(error_code(&r.text().await.unwrap()), "upstream_unreachable");
+    // A query-injected key on a failing upstream stays out of the logs
+    // (upstream client errors carry the URL).
+    let q_origin = format!("https://mock.test:{closed}");
+    let q_args = ["--upstream", q_origin.as_str(), "--allow-internal-upstream", "--inject", "query:api_key:{value}"];
+    t.s.put_secret(None, "qdown", "generic-QUERY-KEY-77777777", &q_args);
+    t.s.grant(None, "bot", "qdown", "proxy", &[]);
+    let r = t.s.http.get(t.url("qdown", "/x?a=1")).bearer_auth(&t.token).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(!r.text().await.unwrap().contains("QUERY-KEY"));
+    let log = t.s.server_log();
+    assert!(log.contains("proxy upstream failed"), "the failure is logged");
+    assert!(!log.contains("generic-QUERY-KEY-77777777"), "a query-injected key reached the log");
 
     // Reset mid-stream: the agent sees the stream fail, not a clean end.
     let r = t.s.http.get(t.url("openai", "/reset")).bearer_auth(&t.token).send().await.unwrap();

@@ -295,6 +295,8 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     let resp = match upstream_req.send().await {
         Ok(r) => r,
         Err(e) => {
+            // The URL may carry a query-injected key: never keep it in the error.
+            let e = e.without_url();
             let err = upstream_error(&e);
             tracing::warn!(request_id = ?meta.request_id, code = err.code, error = ?e, "proxy upstream failed");
             outcome.record(err.status.as_u16(), 0, Some(err.code)).await;
