@@ -197,6 +197,9 @@ pub enum SecretCmd {
         /// Date or duration after which every use is denied.
         #[arg(long)]
         expires: Option<String>,
+        /// Rotation policy (e.g. 90d): `secret list` flags it overdue after that.
+        #[arg(long)]
+        rotate_every: Option<String>,
         #[arg(long)]
         description: Option<String>,
         #[arg(long = "tag")]
@@ -211,7 +214,18 @@ pub enum SecretCmd {
         name: String,
         #[command(flatten)]
         source: ValueSource,
+        /// Keep the replaced version usable by reveal-mode consumers this
+        /// long (e.g. 1h); default: revoked at once.
+        #[arg(long)]
+        grace: Option<String>,
+        /// When the new version expires (date or duration).
+        #[arg(long)]
+        expires: Option<String>,
     },
+    /// Make the previous version current again (within its grace period).
+    Rollback { name: String },
+    /// Every version of a secret and its state.
+    Versions { name: String },
     /// Revoke the current version, or one version.
     Revoke {
         name: String,

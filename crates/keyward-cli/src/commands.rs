@@ -306,13 +306,14 @@ async fn secret(c: &Client, cmd: SecretCmd, json: bool) -> Result<(), CliError> 
             allow_internal_upstream,
             inject,
             expires,
+            rotate_every,
             description,
             tags,
         } => {
             let value = read_value(source.from_file.as_deref(), &format!("Value for {name} (not echoed): "))?;
             let body = json!({
                 "name": name, "value": value.as_str(), "provider": provider, "upstream": upstream,
-                "allow_internal": allow_internal_upstream, "inject": inject,
+                "allow_internal": allow_internal_upstream, "inject": inject, "rotate_every": rotate_every,
                 "expires": expires, "description": description, "tags": tags,
             });
             let bytes = Zeroizing::new(serde_json::to_vec(&body).expect("json"));
@@ -324,10 +325,10 @@ async fn secret(c: &Client, cmd: SecretCmd, json: bool) -> Result<(), CliError> 
             }
             v
         }
-        SecretCmd::Rotate { name, source } => {
+        SecretCmd::Rotate { name, source, grace, expires } => {
             let value = read_value(source.from_file.as_deref(), &format!("New value for {name} (not echoed): "))?;
             let path = c.org_path(&format!("/secrets/{}/rotate", seg(&name)));
-            let v = c.post(&path, &json!({"value": value.as_str()})).await?;
+            let v = c.post(&path, &json!({"value": value.as_str(), "grace": grace, "expires": expires})).await?;
             if !json {
                 println!(
                     "rotated {}: version {} is current, fingerprint {}",
@@ -349,6 +350,7 @@ async fn secret(c: &Client, cmd: SecretCmd, json: bool) -> Result<(), CliError> 
                     .map(|x| {
                         vec![
                             s(&x["name"]),
+                            s(&x["status"]),
                             s(&x["id"]),
                             s(&x["provider"]),
                             format!("v{}", s(&x["current_version"])),
@@ -361,12 +363,55 @@ async fn secret(c: &Client, cmd: SecretCmd, json: bool) -> Result<(), CliError> 
                     })
                     .collect();
                 table(
-                    &["NAME", "ID", "PROVIDER", "CURRENT", "VERSIONS", "FINGERPRINT", "EXPIRES", "GRANTS", "LAST USED"],
+                    &[
+                        "NAME",
+                        "STATUS",
+                        "ID",
+                        "PROVIDER",
+                        "CURRENT",
+                        "VERSIONS",
+                        "FINGERPRINT",
+                        "EXPIRES",
+                        "GRANTS",
+                        "LAST USED",
+                    ],
                     rows,
                 );
                 return Ok(());
             }
             v
+        }
+        SecretCmd::Rollback { name } => {
+            let v = c.post(&c.org_path(&format!("/secrets/{}/rollback", seg(&name))), &json!({})).await?;
+            if !json {
+                println!("rolled back {}: version {} is current again", s(&v["name"]), s(&v["current_version"]));
+                return Ok(());
+            }
+            v
+        }
+        SecretCmd::Versions { name } => {
+            let v = c.get(&c.org_path(&format!("/secrets/{}", seg(&name)))).await?;
+            if !json {
+                let rows = v["versions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| {
+                        vec![
+                            format!("v{}", s(&x["version"])),
+                            s(&x["state"]),
+                            s(&x["fingerprint"]),
+                            s(&x["created_at"]),
+                            s(&x["grace_until"]),
+                            s(&x["expires_at"]),
+                            s(&x["revoked_at"]),
+                        ]
+                    })
+                    .collect();
+                table(&["VERSION", "STATE", "FINGERPRINT", "CREATED", "GRACE UNTIL", "EXPIRES", "REVOKED"], rows);
+                return Ok(());
+            }
+            json!({"name": v["name"], "versions": v["versions"]})
         }
         SecretCmd::Show { name } => {
             let v = c.get(&c.org_path(&format!("/secrets/{}", seg(&name)))).await?;

@@ -18,12 +18,14 @@ pub fn s(v: &Value) -> String {
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
-        for (i, c) in r.iter().enumerate() {
+        debug_assert_eq!(r.len(), header.len(), "a row does not match the header");
+        for (i, c) in r.iter().enumerate().take(width.len()) {
             width[i] = width[i].max(c.chars().count());
         }
     }
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = width[i])).collect();
+        let padded: Vec<String> =
+            cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = width.get(i).copied().unwrap_or(0))).collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
@@ -35,6 +37,7 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
 pub fn secret_detail(v: &Value) {
     println!("name:        {}", s(&v["name"]));
     println!("id:          {}", s(&v["id"]));
+    println!("status:      {}", s(&v["status"]));
     println!("provider:    {}", s(&v["provider"]));
     println!("upstream:    {}", s(&v["upstream"]));
     println!("description: {}", s(&v["description"]));
@@ -47,11 +50,13 @@ pub fn secret_detail(v: &Value) {
     println!("versions:");
     for ver in v["versions"].as_array().into_iter().flatten() {
         println!(
-            "  v{:<4} {:<8} fingerprint {}  created {}  revoked {}",
+            "  v{:<4} {:<8} fingerprint {}  created {}  grace until {}  expires {}  revoked {}",
             s(&ver["version"]),
             s(&ver["state"]),
             s(&ver["fingerprint"]),
             s(&ver["created_at"]),
+            s(&ver["grace_until"]),
+            s(&ver["expires_at"]),
             s(&ver["revoked_at"])
         );
     }

@@ -178,6 +178,38 @@ async fn rotate_revoke_delete_lifecycle(b: Backend) {
     assert!(s.cli_json(&["grant", "list"])["grants"].as_array().unwrap().is_empty());
 }
 
+async fn rotation_with_grace_rollback_versions_and_metrics(b: Backend) {
+    let s = Server::start(b).await;
+    s.put_secret(None, "k", "value-one-11111", &["--rotate-every", "90d", "--expires", "7d"]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal,proxy", &[]);
+    let out = s.cli_stdin(&["secret", "rotate", "k", "--grace", "1h", "--expires", "30d"], b"value-two-22222");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&s.resolve(&token, "k").await.1)["value"], "value-two-22222");
+    let old = s.http.get(s.url("/v1/resolve/k?version=1")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(old.status(), 200, "the previous version stays readable during its grace period");
+    assert_eq!(old.json::<serde_json::Value>().await.unwrap()["version"], 1);
+    let bad = s.http.get(s.url("/v1/resolve/k?version=x")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!((bad.status().as_u16(), error_code(&bad.text().await.unwrap()).as_str()), (400, "invalid_query"));
+
+    let versions = s.cli_json(&["secret", "versions", "k"]);
+    let states: Vec<&str> =
+        versions["versions"].as_array().unwrap().iter().map(|v| v["state"].as_str().unwrap()).collect();
+    assert_eq!(states, vec!["previous", "current"]);
+    assert!(versions["versions"][0]["grace_until"].is_string());
+    let list = s.cli_json(&["secret", "list"]);
+    assert_eq!(list["secrets"][0]["status"], "expiring", "the secret itself expires in 7 days");
+
+    assert!(s.cli(&["secret", "rollback", "k"]).status.success());
+    assert_eq!(json(&s.resolve(&token, "k").await.1)["value"], "value-one-11111");
+    assert!(!s.cli(&["secret", "rollback", "k"]).status.success(), "nothing left to roll back to");
+
+    let metrics = s.http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("keyward_secrets{status=\"expiring\"} 1"), "{metrics}");
+    assert!(metrics.contains("keyward_uses_total{mode=\"reveal\",outcome=\"allowed\"} 3"), "{metrics}");
+    assert!(!metrics.contains("value-"));
+}
+
 async fn auditor_reads_but_cannot_change(b: Backend) {
     let s = Server::start(b).await;
     s.put_secret(None, "k", VALUE, &[]);
@@ -563,6 +595,7 @@ macro_rules! on_every_store {
 }
 
 on_every_store!(
+    rotation_with_grace_rollback_versions_and_metrics,
     walkthrough_put_agent_grant_resolve_audit,
     organizations_are_isolated,
     not_granted_looks_exactly_like_not_found,

@@ -200,6 +200,8 @@ pub struct Secret {
     /// `generic` secrets: where the proxy puts the value
     /// (`header:NAME:TEMPLATE` or `query:NAME:TEMPLATE`, `{value}` inside).
     pub inject: Option<String>,
+    /// Rotation policy: the current version should be replaced this often.
+    pub rotate_every_secs: Option<i64>,
     pub description: Option<String>,
     pub tags: Vec<String>,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -245,20 +247,29 @@ impl Injection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VersionState {
+    /// Stored, not yet in use (automated rotation verifies it first).
+    Pending,
     Current,
+    /// The version before the current one, usable by reveal-mode consumers
+    /// until its grace period ends.
+    Previous,
     Revoked,
 }
 
 impl VersionState {
     pub fn as_str(self) -> &'static str {
         match self {
+            VersionState::Pending => "pending",
             VersionState::Current => "current",
+            VersionState::Previous => "previous",
             VersionState::Revoked => "revoked",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
         match s {
+            "pending" => Some(Self::Pending),
             "current" => Some(Self::Current),
+            "previous" => Some(Self::Previous),
             "revoked" => Some(Self::Revoked),
             _ => None,
         }
@@ -276,6 +287,10 @@ pub struct SecretVersion {
     pub fingerprint: String,
     pub created_at: OffsetDateTime,
     pub revoked_at: Option<OffsetDateTime>,
+    /// A previous version stays usable (reveal only) until then.
+    pub grace_until: Option<OffsetDateTime>,
+    /// After this, every use of this version is denied (`secret_expired`).
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 #[derive(Debug, Clone, Serialize)]

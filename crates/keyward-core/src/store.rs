@@ -87,9 +87,22 @@ pub trait Store: Send + Sync + 'static {
     async fn list_secrets(&self, org_id: &str) -> StoreResult<Vec<Secret>>;
     async fn current_version(&self, secret_id: &str) -> StoreResult<Option<SecretVersion>>;
     async fn list_versions(&self, secret_id: &str) -> StoreResult<Vec<SecretVersion>>;
-    /// Adds `next` as the current version and revokes every other
-    /// non-revoked version, in one transaction.
-    async fn rotate_secret(&self, next: &SecretVersion, at: OffsetDateTime) -> StoreResult<()>;
+    /// Adds `next` as the current version, in one transaction: the current
+    /// one becomes `previous` until `grace_until` (or is revoked without a
+    /// grace period), and an older previous or pending one is revoked.
+    async fn rotate_secret(
+        &self,
+        next: &SecretVersion,
+        at: OffsetDateTime,
+        grace_until: Option<OffsetDateTime>,
+    ) -> StoreResult<()>;
+    /// Makes the previous version current again and revokes the current
+    /// one, if the previous is still within its grace period at `at`.
+    /// Returns the version made current.
+    async fn rollback_secret(&self, secret_id: &str, at: OffsetDateTime) -> StoreResult<Option<i64>>;
+    async fn get_version(&self, secret_id: &str, version: i64) -> StoreResult<Option<SecretVersion>>;
+    /// Revokes previous versions whose grace period ended by `now`.
+    async fn expire_grace(&self, now: OffsetDateTime) -> StoreResult<u64>;
     /// Revokes one version (`Some`) or all (`None`); returns how many changed.
     async fn revoke_versions(&self, secret_id: &str, version: Option<i64>, at: OffsetDateTime) -> StoreResult<u64>;
     /// Deletes a secret with its versions and grants.

@@ -25,6 +25,7 @@ pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 const META_SEAL: &str = "seal";
 const META_INITIALIZED: &str = "initialized_at";
 pub const DEFAULT_ORG: &str = "default";
+pub const DEFAULT_EXPIRING_WINDOW: time::Duration = time::Duration::days(14);
 
 /// A plaintext secret value. Zeroized on drop; no Debug, Display or
 /// Serialize, so it cannot be printed or logged by accident.
@@ -119,6 +120,10 @@ pub struct VersionInfo {
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
     pub revoked_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub grace_until: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 impl From<&SecretVersion> for VersionInfo {
@@ -129,8 +134,33 @@ impl From<&SecretVersion> for VersionInfo {
             fingerprint: v.fingerprint.clone(),
             created_at: v.created_at,
             revoked_at: v.revoked_at,
+            grace_until: v.grace_until,
+            expires_at: v.expires_at,
         }
     }
+}
+
+/// Health of a secret, for `secret list`, the dashboard and `/metrics`.
+pub const STATUSES: [&str; 5] = ["ok", "expiring", "rotation_overdue", "expired", "revoked"];
+
+fn secret_status(
+    secret: &Secret,
+    current: Option<&SecretVersion>,
+    now: OffsetDateTime,
+    window: time::Duration,
+) -> &'static str {
+    let Some(cur) = current else { return "revoked" };
+    let ends = [secret.expires_at, cur.expires_at].into_iter().flatten().min();
+    if ends.is_some_and(|e| e <= now) {
+        return "expired";
+    }
+    if ends.is_some_and(|e| e <= now + window) {
+        return "expiring";
+    }
+    if secret.rotate_every_secs.is_some_and(|r| cur.created_at + time::Duration::seconds(r) <= now) {
+        return "rotation_overdue";
+    }
+    "ok"
 }
 
 /// Metadata of a secret for humans: never its value.
@@ -138,6 +168,8 @@ impl From<&SecretVersion> for VersionInfo {
 pub struct SecretInfo {
     #[serde(flatten)]
     pub secret: Secret,
+    /// One of [`STATUSES`].
+    pub status: &'static str,
     pub current_version: Option<i64>,
     pub versions: Vec<VersionInfo>,
     pub grants: Vec<Grant>,
@@ -152,6 +184,7 @@ pub struct NewSecret {
     pub upstream: Option<String>,
     pub allow_internal: bool,
     pub inject: Option<String>,
+    pub rotate_every: Option<time::Duration>,
     pub description: Option<String>,
     pub tags: Vec<String>,
     pub expires_at: Option<OffsetDateTime>,
@@ -186,6 +219,10 @@ pub struct Vault {
     unseal_lock: Mutex<()>,
     cache: Cache,
     audit: AuditWriter,
+    /// Seconds before expiry at which a secret counts as `expiring`.
+    expiring_window_secs: std::sync::atomic::AtomicI64,
+    /// Uses by (action, outcome), for `/metrics`.
+    uses: [std::sync::atomic::AtomicU64; 4],
 }
 
 fn seal_err(e: SealError) -> CoreError {
@@ -286,6 +323,8 @@ impl Vault {
             master: RwLock::new(None),
             unseal_lock: Mutex::new(()),
             cache: Cache::new(),
+            expiring_window_secs: std::sync::atomic::AtomicI64::new(DEFAULT_EXPIRING_WINDOW.whole_seconds()),
+            uses: Default::default(),
         });
         if let Some(mut changes) = vault.store.watch_changes() {
             let weak = Arc::downgrade(&vault);
@@ -319,6 +358,51 @@ impl Vault {
         master.open(&org.wrapped_key, &data_key_aad(&org.org.id)).map(|_| ()).map_err(|_| {
             CoreError::invalid("master key", "does not match this database (wrong key file or passphrase)")
         })
+    }
+
+    pub fn expiring_window(&self) -> time::Duration {
+        time::Duration::seconds(self.expiring_window_secs.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub fn set_expiring_window(&self, window: time::Duration) {
+        self.expiring_window_secs.store(window.whole_seconds(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn count_use(&self, mode: UseMode, allowed: bool) {
+        let i = match (mode, allowed) {
+            (UseMode::Reveal, true) => 0,
+            (UseMode::Reveal, false) => 1,
+            (UseMode::Proxy, true) => 2,
+            (UseMode::Proxy, false) => 3,
+        };
+        self.uses[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition: secrets by status (every org) and uses
+    /// since start by mode and outcome. Counts only: no names, no values.
+    pub async fn metrics(&self) -> Result<String, CoreError> {
+        self.ensure_unsealed()?;
+        let mut by_status = std::collections::BTreeMap::new();
+        let now = self.now();
+        for org in self.store.list_orgs().await? {
+            for secret in self.store.list_secrets(&org.id).await? {
+                let current = self.store.current_version(&secret.id).await?;
+                let status = secret_status(&secret, current.as_ref(), now, self.expiring_window());
+                *by_status.entry(status).or_insert(0u64) += 1;
+            }
+        }
+        let mut out = String::from("# HELP keyward_secrets Secrets by status.\n# TYPE keyward_secrets gauge\n");
+        for status in STATUSES {
+            out.push_str(&format!("keyward_secrets{{status=\"{status}\"}} {}\n", by_status.get(status).unwrap_or(&0)));
+        }
+        out.push_str("# HELP keyward_uses_total Uses of secrets since start, by mode and outcome.\n# TYPE keyward_uses_total counter\n");
+        for (i, (mode, outcome)) in
+            [("reveal", "allowed"), ("reveal", "denied"), ("proxy", "allowed"), ("proxy", "denied")].iter().enumerate()
+        {
+            let n = self.uses[i].load(std::sync::atomic::Ordering::Relaxed);
+            out.push_str(&format!("keyward_uses_total{{mode=\"{mode}\",outcome=\"{outcome}\"}} {n}\n"));
+        }
+        Ok(out)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -514,11 +598,14 @@ impl Vault {
     /// denied, is audited; if the record cannot be written nothing is released.
     ///
     /// Not granted and not found look the same to the agent (`not_found`).
+    /// `version`: a reveal-mode consumer may ask for the previous version
+    /// while its grace period lasts; `None` is the current one.
     pub async fn use_secret(
         &self,
         presented_token: &str,
         secret_ref: &str,
         mode: UseMode,
+        version: Option<i64>,
         meta: &RequestMeta,
     ) -> Result<Released, CoreError> {
         self.ensure_unsealed()?;
@@ -537,6 +624,7 @@ impl Vault {
             Err(reason) => {
                 draft.actor = Actor::anonymous();
                 draft.reason = Some(reason.into());
+                self.count_use(mode, false);
                 self.audit_now(draft).await?;
                 return Err(CoreError::Unauthenticated { reason });
             }
@@ -548,7 +636,7 @@ impl Vault {
             name: Some(agent.name.clone()),
             token_id: Some(tok.id.clone()),
         };
-        let decision = self.decide(&agent, secret_ref, mode, now).await?;
+        let decision = self.decide(&agent, secret_ref, mode, version, now).await?;
         let (secret, version) = match decision {
             Ok(found) => found,
             Err((secret, err)) => {
@@ -557,6 +645,7 @@ impl Vault {
                     draft.secret_name = Some(s.name);
                 }
                 draft.reason = Some(err.0.into());
+                self.count_use(mode, false);
                 self.audit_now(draft).await?;
                 return Err(err.1);
             }
@@ -580,6 +669,7 @@ impl Vault {
             version: version.version,
         };
         let audit_seq = self.audit_now(draft).await?;
+        self.count_use(mode, true);
         let value = self.decrypt_version(&secret, &version).await?;
         Ok(Released { secret, version: version.version, audit_seq, value, record })
     }
@@ -616,6 +706,7 @@ impl Vault {
         agent: &Agent,
         secret_ref: &str,
         mode: UseMode,
+        version: Option<i64>,
         now: OffsetDateTime,
     ) -> Result<Result<(Secret, SecretVersion), (Option<Secret>, (&'static str, CoreError))>, CoreError> {
         let hidden = || not_found("secret");
@@ -642,16 +733,38 @@ impl Vault {
             };
             return Ok(Err((Some(secret), (code, forbidden(code, "the grant does not allow this mode of use")))));
         }
+        let expired = || ("secret_expired", forbidden("secret_expired", "the secret has expired"));
         if secret.expires_at.is_some_and(|e| e <= now) {
-            return Ok(Err((Some(secret), ("secret_expired", forbidden("secret_expired", "the secret has expired")))));
+            return Ok(Err((Some(secret), expired())));
         }
-        match current {
-            Some(v) if v.state == VersionState::Current => Ok(Ok((secret, v))),
-            _ => Ok(Err((
-                Some(secret),
-                ("no_current_version", forbidden("no_current_version", "the secret has no usable version (revoked)")),
-            ))),
+        let chosen = match (version, current) {
+            (None, Some(v)) if v.state == VersionState::Current => v,
+            (Some(n), Some(v)) if v.state == VersionState::Current && v.version == n => v,
+            (None, _) => {
+                let code = "no_current_version";
+                return Ok(Err((Some(secret), (code, forbidden(code, "the secret has no usable version (revoked)")))));
+            }
+            (Some(n), _) => {
+                let previous = self.store.get_version(&secret.id, n).await?.filter(|v| {
+                    mode == UseMode::Reveal
+                        && v.state == VersionState::Previous
+                        && v.grace_until.is_some_and(|g| g > now)
+                });
+                match previous {
+                    Some(v) => v,
+                    None => {
+                        let code = "version_not_usable";
+                        let why =
+                            "that version is not current, nor a previous one within its grace period (reveal only)";
+                        return Ok(Err((Some(secret), (code, forbidden(code, why)))));
+                    }
+                }
+            }
+        };
+        if chosen.expires_at.is_some_and(|e| e <= now) {
+            return Ok(Err((Some(secret), expired())));
         }
+        Ok(Ok((secret, chosen)))
     }
 
     /// Decrypts a version. Private: reachable only through [`Self::use_secret`].
@@ -666,6 +779,7 @@ impl Vault {
         secret: &Secret,
         version: i64,
         value: &SecretValue,
+        expires_at: Option<OffsetDateTime>,
     ) -> Result<SecretVersion, CoreError> {
         let dek = self.data_key(&secret.org_id).await?;
         let ciphertext = dek.seal(value.expose_bytes(), &value_aad(&secret.org_id, &secret.id, version))?;
@@ -677,6 +791,8 @@ impl Vault {
             fingerprint: fingerprint_prefix(value.expose_bytes()),
             created_at: self.now(),
             revoked_at: None,
+            grace_until: None,
+            expires_at,
         })
     }
 
@@ -818,6 +934,7 @@ impl Vault {
             upstream,
             allow_internal: new.allow_internal,
             inject,
+            rotate_every_secs: new.rotate_every.map(|d| d.whole_seconds()),
             description,
             tags,
             expires_at: new.expires_at,
@@ -825,7 +942,7 @@ impl Vault {
             updated_at: now,
         };
         check_injectable(&secret, &value)?;
-        let v1 = self.encrypt_version(&secret, 1, &value).await?;
+        let v1 = self.encrypt_version(&secret, 1, &value, None).await?;
         self.store.create_secret(&secret, &v1).await.map_err(dup("secret"))?;
         self.cache.invalidate_policy();
         self.secret_info_of(secret).await
@@ -851,8 +968,10 @@ impl Vault {
             let t = self.store.query_audit(&q).await?.first().map(|r| r.event.time);
             last_used = last_used.max(t);
         }
+        let current = versions.iter().find(|v| v.state == VersionState::Current);
         Ok(SecretInfo {
-            current_version: versions.iter().find(|v| v.state == VersionState::Current).map(|v| v.version),
+            status: secret_status(&secret, current, self.now(), self.expiring_window()),
+            current_version: current.map(|v| v.version),
             versions: versions.iter().map(VersionInfo::from).collect(),
             secret,
             grants,
@@ -878,29 +997,84 @@ impl Vault {
     }
 
     /// Adds a new current version; the previous one is revoked.
+    /// A new version: `grace` keeps the replaced one usable by reveal-mode
+    /// consumers for that long (proxy use switches at once); `expires` ends
+    /// the new version's life.
+    #[allow(clippy::too_many_arguments)]
     pub async fn rotate_secret(
         &self,
         p: &Principal,
         org: &str,
         reference: &str,
         value: SecretValue,
+        grace: Option<time::Duration>,
+        expires: Option<OffsetDateTime>,
         meta: &RequestMeta,
     ) -> Result<SecretInfo, CoreError> {
         self.ensure_unsealed()?;
+        let now = self.now();
+        if expires.is_some_and(|e| e <= now) {
+            return Err(CoreError::invalid("expires", "is in the past"));
+        }
         let org_rec = self.org_for(p, org).await?;
         let secret = self.find_secret_in(&org_rec, reference).await?;
         let next = self.store.list_versions(&secret.id).await?.iter().map(|v| v.version).max().unwrap_or(0) + 1;
         let draft = AuditDraft {
             secret_id: Some(secret.id.clone()),
             secret_version: Some(next),
+            reason: grace.map(|g| format!("grace={}s", g.whole_seconds())),
             ..self.admin_draft("secret.rotate", Some(&secret.name), meta)
         };
         check_injectable(&secret, &value)?;
         self.authorize(p, org, Role::Admin, draft).await?;
-        let v = self.encrypt_version(&secret, next, &value).await?;
-        self.store.rotate_secret(&v, self.now()).await.map_err(dup("version"))?;
+        let v = self.encrypt_version(&secret, next, &value, expires).await?;
+        self.store.rotate_secret(&v, now, grace.map(|g| now + g)).await.map_err(dup("version"))?;
         self.cache.invalidate_policy();
         self.secret_info_of(secret).await
+    }
+
+    /// Makes the previous version current again (a new key turned out
+    /// wrong), only while the previous one is within its grace period.
+    pub async fn rollback_secret(
+        &self,
+        p: &Principal,
+        org: &str,
+        reference: &str,
+        meta: &RequestMeta,
+    ) -> Result<SecretInfo, CoreError> {
+        self.ensure_unsealed()?;
+        let org_rec = self.org_for(p, org).await?;
+        let secret = self.find_secret_in(&org_rec, reference).await?;
+        let draft = AuditDraft {
+            secret_id: Some(secret.id.clone()),
+            ..self.admin_draft("secret.rollback", Some(&secret.name), meta)
+        };
+        self.authorize(p, org, Role::Admin, draft).await?;
+        let restored = self.store.rollback_secret(&secret.id, self.now()).await?;
+        self.cache.invalidate_policy();
+        if restored.is_none() {
+            return Err(CoreError::Conflict {
+                message: "no previous version to roll back to (none, or its grace period is over)".into(),
+            });
+        }
+        self.secret_info_of(secret).await
+    }
+
+    /// Revokes previous versions whose grace period is over. The server
+    /// runs this every second; uses also check the time themselves.
+    pub async fn sweep(&self) -> Result<u64, CoreError> {
+        let n = self.store.expire_grace(self.now()).await?;
+        if n > 0 {
+            self.cache.invalidate_policy();
+            self.audit_now(AuditDraft {
+                actor: Actor::system(),
+                action: "secret.grace_expired".into(),
+                reason: Some(format!("{n} previous version(s) revoked")),
+                ..draft_base(self.now(), Outcome::Allowed, &RequestMeta::default())
+            })
+            .await?;
+        }
+        Ok(n)
     }
 
     pub async fn revoke_secret(

@@ -37,6 +37,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{org}/secrets/{secret}", get(h::show_secret).delete(h::delete_secret))
         .route("/v1/orgs/{org}/secrets/{secret}/rotate", post(h::rotate_secret))
         .route("/v1/orgs/{org}/secrets/{secret}/revoke", post(h::revoke_secret))
+        .route("/v1/orgs/{org}/secrets/{secret}/rollback", post(h::rollback_secret))
+        .route("/metrics", get(h::metrics))
         .route("/v1/orgs/{org}/agents", get(h::list_agents).post(h::create_agent))
         .route("/v1/orgs/{org}/agents/{agent}", get(h::show_agent))
         .route("/v1/orgs/{org}/agents/{agent}/disable", post(h::disable_agent))

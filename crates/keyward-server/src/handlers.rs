@@ -80,6 +80,19 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
     }
 }
 
+/// `Query<T>` whose rejections are keyward's JSON errors.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+    }
+}
+
 /// A value arriving in a request: zeroized when dropped, never echoed.
 pub struct WriteOnly(Zeroizing<String>);
 
@@ -148,15 +161,23 @@ struct Resolved<'a> {
     value: &'a str,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveParams {
+    /// A previous version, while its grace period lasts.
+    version: Option<i64>,
+}
+
 /// `GET /v1/resolve/{secret}`: the value of a reveal-mode grant.
 pub async fn resolve(
     State(s): State<AppState>,
     Path(secret): Path<String>,
     Meta(meta): Meta,
     headers: HeaderMap,
+    ApiQuery(q): ApiQuery<ResolveParams>,
 ) -> ApiResult {
     let token = bearer(&headers).unwrap_or("");
-    let released = s.vault.use_secret(token, &secret, UseMode::Reveal, &meta).await?;
+    let released = s.vault.use_secret(token, &secret, UseMode::Reveal, q.version, &meta).await?;
     let value = released
         .value
         .expose_str()
@@ -229,6 +250,8 @@ pub struct PutSecret {
     #[serde(default)]
     tags: Vec<String>,
     expires: Option<String>,
+    /// Rotation policy, a duration (`30d`).
+    rotate_every: Option<String>,
 }
 
 pub async fn list_secrets(State(s): State<AppState>, Path(org): Path<String>, Admin(p, _): Admin) -> ApiResult {
@@ -248,6 +271,12 @@ pub async fn put_secret(
         upstream: req.upstream,
         allow_internal: req.allow_internal,
         inject: req.inject,
+        rotate_every: req
+            .rotate_every
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|m| CoreError::invalid("rotate_every", m))?,
         description: req.description,
         tags: req.tags,
         expires_at: instant("expires", req.expires.as_deref(), &s.vault)?,
@@ -276,6 +305,10 @@ pub async fn delete_secret(
 #[serde(deny_unknown_fields)]
 pub struct RotateReq {
     value: WriteOnly,
+    /// How long the replaced version stays usable for reveal consumers.
+    grace: Option<String>,
+    /// When the new version expires (date or duration).
+    expires: Option<String>,
 }
 
 pub async fn rotate_secret(
@@ -285,7 +318,22 @@ pub async fn rotate_secret(
     ApiJson(req): ApiJson<RotateReq>,
 ) -> ApiResult {
     let value = req.value.into_value()?;
-    ok(s.vault.rotate_secret(&p, &org, &secret, value, &meta).await?)
+    let grace = req.grace.as_deref().map(parse_duration).transpose().map_err(|m| CoreError::invalid("grace", m))?;
+    let expires = instant("expires", req.expires.as_deref(), &s.vault)?;
+    ok(s.vault.rotate_secret(&p, &org, &secret, value, grace, expires, &meta).await?)
+}
+
+pub async fn rollback_secret(
+    State(s): State<AppState>,
+    Path((org, secret)): Path<(String, String)>,
+    Admin(p, meta): Admin,
+) -> ApiResult {
+    ok(s.vault.rollback_secret(&p, &org, &secret, &meta).await?)
+}
+
+pub async fn metrics(State(s): State<AppState>) -> ApiResult {
+    let text = s.vault.metrics().await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 #[derive(Deserialize)]
@@ -375,7 +423,7 @@ pub async fn list_grants(
     State(s): State<AppState>,
     Path(org): Path<String>,
     Admin(p, _): Admin,
-    Query(f): Query<GrantFilter>,
+    ApiQuery(f): ApiQuery<GrantFilter>,
 ) -> ApiResult {
     ok(json!({"grants": s.vault.list_grants(&p, &org, f.agent.as_deref(), f.secret.as_deref()).await?}))
 }
@@ -419,7 +467,7 @@ pub async fn query_audit(
     State(s): State<AppState>,
     Path(org): Path<String>,
     Admin(p, _): Admin,
-    Query(q): Query<AuditParams>,
+    ApiQuery(q): ApiQuery<AuditParams>,
 ) -> ApiResult {
     let now = s.vault.now();
     let since = match q.since.as_deref() {

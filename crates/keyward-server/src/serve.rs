@@ -37,6 +37,20 @@ pub async fn run(
         .header_read_timeout(Duration::from_secs(10))
         .timer(hyper_util::rt::TokioTimer::new());
     server.http_builder().http2().max_header_list_size(64 * 1024).max_concurrent_streams(256);
+    // Grace periods end on time even when nobody uses the secret.
+    let sweeper = Arc::downgrade(&vault);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(v) = sweeper.upgrade() else { break };
+            if !v.is_sealed()
+                && let Err(e) = v.sweep().await
+            {
+                tracing::warn!(error = %e, "grace-period sweep failed");
+            }
+        }
+    });
     on_listening(addr);
     let app = app::router(AppState { vault, upstreams });
     server.serve(app.into_make_service_with_connect_info::<SocketAddr>()).await

@@ -27,6 +27,7 @@ use crate::rows::{AUDIT_ROWS_PER_STATEMENT, TABLE_COUNTS, corrupt, hash32, micro
 const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../migrations/postgres/0001_init.sql") },
     Migration { version: 2, name: "proxy", sql: include_str!("../migrations/postgres/0002_proxy.sql") },
+    Migration { version: 3, name: "lifecycle", sql: include_str!("../migrations/postgres/0003_lifecycle.sql") },
 ];
 
 /// Channel carrying cache invalidations between replicas.
@@ -236,25 +237,44 @@ impl Store for PgStore {
         rows.iter().map(version_from).collect()
     }
 
-    async fn rotate_secret(&self, next: &SecretVersion, at: OffsetDateTime) -> StoreResult<()> {
+    async fn rotate_secret(
+        &self,
+        next: &SecretVersion,
+        at: OffsetDateTime,
+        grace_until: Option<OffsetDateTime>,
+    ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        sqlx::query(
-            "UPDATE secret_versions SET state = 'revoked', revoked_at = $1 WHERE secret_id = $2 AND state <> 'revoked'",
-        )
-        .bind(micros(at))
-        .bind(&next.secret_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        insert_version(&mut tx, next).await?;
-        sqlx::query("UPDATE secrets SET updated_at = $1 WHERE id = $2")
-            .bind(micros(at))
-            .bind(&next.secret_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        rotate_versions(&mut tx, next, at, grace_until).await?;
         notify(&mut tx).await?;
         tx.commit().await.map_err(map_err)
+    }
+
+    async fn rollback_secret(&self, secret_id: &str, at: OffsetDateTime) -> StoreResult<Option<i64>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let v = rollback_versions(&mut tx, secret_id, at).await?;
+        notify(&mut tx).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(v)
+    }
+
+    async fn get_version(&self, secret_id: &str, version: i64) -> StoreResult<Option<SecretVersion>> {
+        let row = sqlx::query("SELECT * FROM secret_versions WHERE secret_id = $1 AND version = $2")
+            .bind(secret_id)
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(version_from).transpose()
+    }
+
+    async fn expire_grace(&self, now: OffsetDateTime) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let n = expire_grace_in(&mut tx, now).await?;
+        if n > 0 {
+            notify(&mut tx).await?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(n)
     }
 
     async fn revoke_versions(&self, secret_id: &str, version: Option<i64>, at: OffsetDateTime) -> StoreResult<u64> {

@@ -24,6 +24,7 @@ macro_rules! row_mappers {
                 upstream: r.try_get("upstream").map_err(corrupt)?,
                 allow_internal: r.try_get("allow_internal").map_err(corrupt)?,
                 inject: r.try_get("inject").map_err(corrupt)?,
+                rotate_every_secs: r.try_get("rotate_every_secs").map_err(corrupt)?,
                 description: r.try_get("description").map_err(corrupt)?,
                 tags: serde_json::from_str(&tags).map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 expires_at: r.try_get::<Option<i64>, _>("expires_at").map_err(corrupt)?.map(from_micros),
@@ -43,6 +44,8 @@ macro_rules! row_mappers {
                 fingerprint: r.try_get("fingerprint").map_err(corrupt)?,
                 created_at: from_micros(r.try_get("created_at").map_err(corrupt)?),
                 revoked_at: r.try_get::<Option<i64>, _>("revoked_at").map_err(corrupt)?.map(from_micros),
+                grace_until: r.try_get::<Option<i64>, _>("grace_until").map_err(corrupt)?.map(from_micros),
+                expires_at: r.try_get::<Option<i64>, _>("expires_at").map_err(corrupt)?.map(from_micros),
             })
         }
 
@@ -173,7 +176,8 @@ macro_rules! row_writers {
         async fn insert_secret(c: &mut $conn, s: &Secret) -> StoreResult<()> {
             sqlx::query(
                 "INSERT INTO secrets (id, org_id, name, provider, upstream, description, tags, expires_at, \
-                 created_at, updated_at, allow_internal, inject) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                 created_at, updated_at, allow_internal, inject, rotate_every_secs) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
             )
             .bind(&s.id)
             .bind(&s.org_id)
@@ -187,6 +191,7 @@ macro_rules! row_writers {
             .bind(micros(s.updated_at))
             .bind(s.allow_internal)
             .bind(&s.inject)
+            .bind(s.rotate_every_secs)
             .execute(&mut *c)
             .await
             .map_err(map_err)?;
@@ -196,7 +201,7 @@ macro_rules! row_writers {
         async fn insert_version(c: &mut $conn, v: &SecretVersion) -> StoreResult<()> {
             sqlx::query(
                 "INSERT INTO secret_versions (secret_id, version, state, ciphertext, fingerprint, created_at, \
-                 revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                 revoked_at, grace_until, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(&v.secret_id)
             .bind(v.version)
@@ -205,6 +210,8 @@ macro_rules! row_writers {
             .bind(&v.fingerprint)
             .bind(micros(v.created_at))
             .bind(opt_micros(v.revoked_at))
+            .bind(opt_micros(v.grace_until))
+            .bind(opt_micros(v.expires_at))
             .execute(&mut *c)
             .await
             .map_err(map_err)?;
@@ -243,6 +250,73 @@ macro_rules! row_writers {
             .await
             .map_err(map_err)?;
             Ok(())
+        }
+
+        /// The rotation's state changes around inserting `next` (see Store::rotate_secret).
+        async fn rotate_versions(c: &mut $conn, next: &SecretVersion, at: OffsetDateTime, grace_until: Option<OffsetDateTime>) -> StoreResult<()> {
+            sqlx::query("UPDATE secret_versions SET state = 'revoked', revoked_at = $1 WHERE secret_id = $2 AND state IN ('previous', 'pending')")
+                .bind(micros(at))
+                .bind(&next.secret_id)
+                .execute(&mut *c)
+                .await
+                .map_err(map_err)?;
+            match grace_until {
+                Some(g) => sqlx::query("UPDATE secret_versions SET state = 'previous', grace_until = $1 WHERE secret_id = $2 AND state = 'current'")
+                    .bind(micros(g))
+                    .bind(&next.secret_id),
+                None => sqlx::query("UPDATE secret_versions SET state = 'revoked', revoked_at = $1 WHERE secret_id = $2 AND state = 'current'")
+                    .bind(micros(at))
+                    .bind(&next.secret_id),
+            }
+            .execute(&mut *c)
+            .await
+            .map_err(map_err)?;
+            insert_version(c, next).await?;
+            sqlx::query("UPDATE secrets SET updated_at = $1 WHERE id = $2")
+                .bind(micros(at))
+                .bind(&next.secret_id)
+                .execute(&mut *c)
+                .await
+                .map_err(map_err)?;
+            Ok(())
+        }
+
+        async fn rollback_versions(c: &mut $conn, secret_id: &str, at: OffsetDateTime) -> StoreResult<Option<i64>> {
+            let previous: Option<i64> = sqlx::query_scalar(
+                "SELECT version FROM secret_versions WHERE secret_id = $1 AND state = 'previous' \
+                 AND (grace_until IS NULL OR grace_until > $2) ORDER BY version DESC LIMIT 1",
+            )
+            .bind(secret_id)
+            .bind(micros(at))
+            .fetch_optional(&mut *c)
+            .await
+            .map_err(map_err)?;
+            let Some(v) = previous else { return Ok(None) };
+            sqlx::query("UPDATE secret_versions SET state = 'revoked', revoked_at = $1 WHERE secret_id = $2 AND state = 'current'")
+                .bind(micros(at))
+                .bind(secret_id)
+                .execute(&mut *c)
+                .await
+                .map_err(map_err)?;
+            sqlx::query("UPDATE secret_versions SET state = 'current', grace_until = NULL WHERE secret_id = $1 AND version = $2")
+                .bind(secret_id)
+                .bind(v)
+                .execute(&mut *c)
+                .await
+                .map_err(map_err)?;
+            Ok(Some(v))
+        }
+
+        async fn expire_grace_in(c: &mut $conn, now: OffsetDateTime) -> StoreResult<u64> {
+            let done = sqlx::query(
+                "UPDATE secret_versions SET state = 'revoked', revoked_at = grace_until \
+                 WHERE state = 'previous' AND grace_until IS NOT NULL AND grace_until <= $1",
+            )
+            .bind(micros(now))
+            .execute(&mut *c)
+            .await
+            .map_err(map_err)?;
+            Ok(done.rows_affected())
         }
 
         /// Inserts, or replaces the grant for the same (agent, secret).

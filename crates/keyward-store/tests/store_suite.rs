@@ -48,6 +48,8 @@ fn version(secret_id: &str, n: i64) -> SecretVersion {
         fingerprint: format!("{n:08x}"),
         created_at: now(),
         revoked_at: None,
+        grace_until: None,
+        expires_at: None,
     }
 }
 
@@ -77,6 +79,7 @@ async fn suite(store: Arc<dyn Store>) {
         upstream: Some("https://api.openai.com".into()),
         allow_internal: false,
         inject: None,
+        rotate_every_secs: None,
         description: Some("d".into()),
         tags: vec!["team:a".into()],
         expires_at: None,
@@ -93,7 +96,7 @@ async fn suite(store: Arc<dyn Store>) {
     assert_eq!(by_id.name, "openai");
     assert!(store.find_secret("org_other", "openai").await.unwrap().is_none());
 
-    store.rotate_secret(&version(&s.id, 2), now()).await.unwrap();
+    store.rotate_secret(&version(&s.id, 2), now(), None).await.unwrap();
     let vs = store.list_versions(&s.id).await.unwrap();
     assert_eq!(
         vs.iter().map(|v| (v.version, v.state)).collect::<Vec<_>>(),
@@ -101,7 +104,7 @@ async fn suite(store: Arc<dyn Store>) {
     );
     assert_eq!(store.current_version(&s.id).await.unwrap().unwrap().ciphertext, vec![2u8; 40]);
     // A rotation to an existing version number fails whole: v2 stays current.
-    assert!(store.rotate_secret(&version(&s.id, 2), now()).await.is_err());
+    assert!(store.rotate_secret(&version(&s.id, 2), now(), None).await.is_err());
     assert_eq!(store.current_version(&s.id).await.unwrap().unwrap().version, 2);
     assert_eq!(store.revoke_versions(&s.id, Some(1), now()).await.unwrap(), 0, "already revoked");
     assert_eq!(store.revoke_versions(&s.id, None, now()).await.unwrap(), 1);
@@ -297,6 +300,7 @@ async fn concurrent_resolves(store: Arc<dyn Store>) {
         upstream: None,
         allow_internal: false,
         inject: None,
+        rotate_every: None,
         description: None,
         tags: vec![],
         expires_at: None,
@@ -311,7 +315,7 @@ async fn concurrent_resolves(store: Arc<dyn Store>) {
     for _ in 0..200 {
         let (v, t) = (vault.clone(), token.clone());
         tasks.push(tokio::spawn(async move {
-            let r = v.use_secret(&t, "k", UseMode::Reveal, &RequestMeta::default()).await.unwrap();
+            let r = v.use_secret(&t, "k", UseMode::Reveal, None, &RequestMeta::default()).await.unwrap();
             assert_eq!(r.value.expose_bytes(), b"the-value");
             r.audit_seq
         }));
@@ -329,5 +333,5 @@ async fn concurrent_resolves(store: Arc<dyn Store>) {
 
     // Revocation takes effect on the very next use (caches are invalidated).
     vault.revoke_secret(&p, "default", "k", None, &meta).await.unwrap();
-    assert!(vault.use_secret(&token, "k", UseMode::Reveal, &meta).await.is_err());
+    assert!(vault.use_secret(&token, "k", UseMode::Reveal, None, &meta).await.is_err());
 }

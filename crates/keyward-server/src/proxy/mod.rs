@@ -221,8 +221,10 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     let token = presets::find_agent_token(&parts.headers, parts.uri.query()).map(|(t, _)| t);
     // No query values in the audit trail: they may carry data.
     meta.target = Some(format!("{} {}", parts.method, path));
-    let released =
-        s.vault.use_secret(token.as_deref().map_or("", |t| t.as_str()), &secret_ref, UseMode::Proxy, &meta).await?;
+    let released = s
+        .vault
+        .use_secret(token.as_deref().map_or("", |t| t.as_str()), &secret_ref, UseMode::Proxy, None, &meta)
+        .await?;
     let secret = &released.secret;
     let origin = secret.upstream.clone().ok_or_else(|| {
         ApiError::new(

@@ -1,0 +1,199 @@
+//! Version lifecycle on a controllable clock (no sleeps), on both stores:
+//! rotation with a grace period, grace expiry, rollback inside and after
+//! the window, expired secrets and versions, statuses and metrics.
+
+use std::sync::Arc;
+
+use keyward_core::CoreError;
+use keyward_core::clock::ManualClock;
+use keyward_core::crypto::KeyMaterial;
+use keyward_core::model::Modes;
+use keyward_core::store::Store;
+use keyward_core::vault::{InitSeal, NewSecret, Principal, RequestMeta, SecretValue, UseMode, Vault};
+use time::{Duration, OffsetDateTime};
+
+struct Env {
+    vault: Arc<Vault>,
+    clock: ManualClock,
+    admin: Principal,
+    token: String,
+    _keep: Box<dyn std::any::Any>,
+}
+
+async fn env(store: Arc<dyn Store>, keep: Box<dyn std::any::Any>) -> Env {
+    let clock = ManualClock::new(OffsetDateTime::now_utc());
+    let key = KeyMaterial::generate().unwrap();
+    let copy = KeyMaterial::from_slice(key.expose()).unwrap();
+    let init = Vault::initialize(store.clone(), Arc::new(clock.clone()), InitSeal::KeyFile(key)).await.unwrap();
+    let vault = Vault::open(store, Arc::new(clock.clone()), Some(copy)).await.unwrap();
+    let admin = vault.authenticate_user(init.admin_token.expose(), &RequestMeta::default()).await.unwrap();
+    let (_, token) = vault.create_agent(&admin, "default", "bot", None, None, &RequestMeta::default()).await.unwrap();
+    Env { vault, clock, admin, token: token.expose().to_owned(), _keep: keep }
+}
+
+async fn sqlite() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let store = keyward_store::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+    env(store, Box::new(dir)).await
+}
+
+async fn postgres() -> Env {
+    let db = keyward_store::testing::TestSchema::create().await.expect("PostgreSQL");
+    let store = keyward_store::open(&db.url).await.unwrap();
+    env(store, Box::new(db)).await
+}
+
+fn new(name: &str, expires: Option<OffsetDateTime>, rotate_every: Option<Duration>) -> NewSecret {
+    NewSecret {
+        name: name.into(),
+        provider: None,
+        upstream: None,
+        allow_internal: false,
+        inject: None,
+        rotate_every,
+        description: None,
+        tags: vec![],
+        expires_at: expires,
+    }
+}
+
+fn v(s: &str) -> SecretValue {
+    SecretValue::new(s.as_bytes().to_vec()).unwrap()
+}
+
+impl Env {
+    async fn put(&self, name: &str, value: &str, expires: Option<OffsetDateTime>, every: Option<Duration>) {
+        let m = RequestMeta::default();
+        self.vault.put_secret(&self.admin, "default", new(name, expires, every), v(value), &m).await.unwrap();
+        let modes = Modes { proxy: true, reveal: true };
+        self.vault.add_grant(&self.admin, "default", "bot", name, modes, None, &m).await.unwrap();
+    }
+
+    async fn reveal(&self, name: &str, version: Option<i64>) -> Result<String, CoreError> {
+        let r = self.vault.use_secret(&self.token, name, UseMode::Reveal, version, &RequestMeta::default()).await?;
+        Ok(r.value.expose_str().unwrap().to_owned())
+    }
+
+    async fn rotate(&self, name: &str, value: &str, grace: Option<Duration>, expires: Option<OffsetDateTime>) {
+        let m = RequestMeta::default();
+        self.vault.rotate_secret(&self.admin, "default", name, v(value), grace, expires, &m).await.unwrap();
+    }
+
+    async fn status(&self, name: &str) -> &'static str {
+        self.vault.show_secret(&self.admin, "default", name).await.unwrap().status
+    }
+}
+
+fn code(r: Result<String, CoreError>) -> &'static str {
+    r.expect_err("must be denied").code()
+}
+
+async fn grace_and_rollback(e: Env) {
+    e.put("k", "v1-aaaaaaaa", None, None).await;
+    e.rotate("k", "v2-bbbbbbbb", Some(Duration::hours(1)), None).await;
+    // The new version is current for everyone at once.
+    assert_eq!(e.reveal("k", None).await.unwrap(), "v2-bbbbbbbb");
+    let proxied = e.vault.use_secret(&e.token, "k", UseMode::Proxy, None, &RequestMeta::default()).await.unwrap();
+    assert_eq!(proxied.version, 2);
+    // The previous one: reveal consumers only, during the grace period.
+    assert_eq!(e.reveal("k", Some(1)).await.unwrap(), "v1-aaaaaaaa");
+    let proxy_old = e.vault.use_secret(&e.token, "k", UseMode::Proxy, Some(1), &RequestMeta::default()).await;
+    assert_eq!(proxy_old.err().unwrap().code(), "version_not_usable");
+    assert_eq!(e.reveal("k", Some(7)).await.err().unwrap().code(), "version_not_usable");
+
+    // Rollback inside the window makes v1 current again and revokes v2.
+    e.vault.rollback_secret(&e.admin, "default", "k", &RequestMeta::default()).await.unwrap();
+    assert_eq!(e.reveal("k", None).await.unwrap(), "v1-aaaaaaaa");
+    assert_eq!(code(e.reveal("k", Some(2)).await), "version_not_usable");
+
+    // Rotate again with a grace period, and let it run out.
+    e.rotate("k", "v3-cccccccc", Some(Duration::minutes(10)), None).await;
+    e.clock.advance(Duration::minutes(9));
+    assert_eq!(e.reveal("k", Some(1)).await.unwrap(), "v1-aaaaaaaa");
+    e.clock.advance(Duration::minutes(2));
+    // Past the grace period the previous version is refused even before the sweep...
+    assert_eq!(code(e.reveal("k", Some(1)).await), "version_not_usable");
+    // ...and the sweep revokes it on time.
+    assert_eq!(e.vault.sweep().await.unwrap(), 1);
+    let info = e.vault.show_secret(&e.admin, "default", "k").await.unwrap();
+    let v1 = info.versions.iter().find(|x| x.version == 1).unwrap();
+    assert_eq!(v1.state, "revoked");
+    assert_eq!(v1.revoked_at, v1.grace_until, "revoked when its grace period ended");
+    let err = e.vault.rollback_secret(&e.admin, "default", "k", &RequestMeta::default()).await.err().unwrap();
+    assert_eq!(err.code(), "conflict", "rollback after the window is refused");
+    assert_eq!(e.reveal("k", None).await.unwrap(), "v3-cccccccc");
+
+    // Without a grace period the previous version is revoked at once.
+    e.rotate("k", "v4-dddddddd", None, None).await;
+    assert_eq!(code(e.reveal("k", Some(3)).await), "version_not_usable");
+    assert!(e.vault.rollback_secret(&e.admin, "default", "k", &RequestMeta::default()).await.is_err());
+}
+
+async fn expiry_and_statuses(e: Env) {
+    let now = e.clock.now_for_tests();
+    e.put("ok", "value-ok-1", None, None).await;
+    e.put("expiring", "value-exp-1", Some(now + Duration::days(3)), None).await;
+    e.put("expired", "value-dead-1", Some(now + Duration::hours(1)), None).await;
+    e.put("overdue", "value-old-1", None, Some(Duration::days(30))).await;
+    e.put("version-expires", "value-ve-1", None, None).await;
+    e.rotate("version-expires", "value-ve-2", None, Some(now + Duration::hours(2))).await;
+    e.put("revoked", "value-rev-1", None, None).await;
+    e.vault.revoke_secret(&e.admin, "default", "revoked", None, &RequestMeta::default()).await.unwrap();
+
+    e.clock.advance(Duration::days(31));
+    assert_eq!(e.status("ok").await, "ok");
+    assert_eq!(e.status("expiring").await, "expired", "3 days have passed");
+    assert_eq!(e.status("expired").await, "expired");
+    assert_eq!(e.status("overdue").await, "rotation_overdue");
+    assert_eq!(e.status("version-expires").await, "expired");
+    assert_eq!(e.status("revoked").await, "revoked");
+    assert_eq!(code(e.reveal("expired", None).await), "secret_expired");
+    assert_eq!(code(e.reveal("version-expires", None).await), "secret_expired");
+    assert_eq!(e.reveal("overdue", None).await.unwrap(), "value-old-1", "overdue is a warning, not a denial");
+
+    e.put("soon", "value-soon-1", Some(e.clock.now_for_tests() + Duration::days(10)), None).await;
+    assert_eq!(e.status("soon").await, "expiring");
+    e.vault.set_expiring_window(Duration::days(7));
+    assert_eq!(e.status("soon").await, "ok", "the window is configurable");
+
+    let metrics = e.vault.metrics().await.unwrap();
+    for line in [
+        "keyward_secrets{status=\"ok\"} 2",
+        "keyward_secrets{status=\"expired\"} 3",
+        "keyward_secrets{status=\"rotation_overdue\"} 1",
+        "keyward_secrets{status=\"revoked\"} 1",
+        "keyward_secrets{status=\"expiring\"} 0",
+        "keyward_uses_total{mode=\"reveal\",outcome=\"allowed\"} 1",
+        "keyward_uses_total{mode=\"reveal\",outcome=\"denied\"} 2",
+    ] {
+        assert!(metrics.contains(line), "missing `{line}` in:\n{metrics}");
+    }
+    // The trail records the denials with their reason.
+    let q = keyward_core::store::AuditQuery {
+        outcome: Some(keyward_core::audit::Outcome::Denied),
+        limit: 10,
+        ..Default::default()
+    };
+    let denied = e.vault.query_audit(&e.admin, "default", q).await.unwrap();
+    assert!(denied.iter().any(|r| r.event.reason.as_deref() == Some("secret_expired")));
+}
+
+#[tokio::test]
+async fn sqlite_grace_and_rollback() {
+    grace_and_rollback(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn postgres_grace_and_rollback() {
+    grace_and_rollback(postgres().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_expiry_and_statuses() {
+    expiry_and_statuses(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn postgres_expiry_and_statuses() {
+    expiry_and_statuses(postgres().await).await;
+}
