@@ -264,6 +264,28 @@ async fn echoed_keys_are_redacted_everywhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoes_in_other_encodings_are_caught() {
+    let t = setup().await;
+    // A query-injected key echoed back percent-encoded in an error message.
+    let value = "gen+KEY/with=chars-1234567890";
+    let args = ["--upstream", &t.mock.origin(), "--allow-internal-upstream", "--inject", "query:api_key:{value}"];
+    t.s.put_secret(None, "q", value, &args);
+    t.s.grant(None, "bot", "q", "proxy", &[]);
+    let body = t.s.http.get(t.url("q", "/echo/url")).bearer_auth(&t.token).send().await.unwrap().text().await.unwrap();
+    assert!(body.contains("api_key=[redacted by keyward]"), "{body}");
+    assert!(!body.contains("KEY%2Fwith") && !body.contains("KEY/with"), "{body}");
+    // A compressed answer cannot be checked: refused, not passed on.
+    let r = t.s.http.get(t.url("openai", "/gzip")).bearer_auth(&t.token).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), error_code(&r.text().await.unwrap()).as_str()), (502, "upstream_compressed"));
+    // Numeric host spellings that URL parsers read as addresses are refused when stored.
+    for host in ["https://127.1", "https://2130706433", "https://0x7f.0.0.1", "https://127.0.0.1."] {
+        let out =
+            t.s.cli_stdin(&["secret", "put", "numeric", "--provider", "openai", "--upstream", host], KEY.as_bytes());
+        assert!(!out.status.success(), "{host} must be refused");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_requests_never_reach_the_upstream() {
     let t = setup().await;
     t.s.cli_json(&["org", "create", "acme"]);
@@ -327,7 +349,8 @@ async fn network_guard_refuses_internal_and_metadata_addresses() {
         let status = r.status().as_u16();
         let body = r.text().await.unwrap();
         assert_eq!((status, error_code(&body).as_str()), (403, "upstream_forbidden"), "{name}: {body}");
-        assert!(body.contains(addr), "{name}: {body}");
+        assert!(!body.contains(addr), "the agent is not told internal addresses: {body}");
+        assert!(t.s.server_log().contains(addr), "{name}: the refused address is logged");
     }
     assert_eq!(t.mock.requests().len(), before);
     // The same loopback upstream works once the secret allows it.

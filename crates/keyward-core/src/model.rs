@@ -169,6 +169,39 @@ pub fn validate_origin(s: &str) -> Result<String, CoreError> {
     if rest.is_empty() || rest.contains(['/', '?', '#', '@', '\\', ' ']) || rest.chars().any(|c| c.is_control()) {
         return Err(err("must be an origin: scheme://host[:port] with no path, query or user info"));
     }
+    let (host, port) = match rest.strip_prefix('[') {
+        Some(v6) => {
+            let (h, tail) = v6.split_once(']').ok_or_else(|| err("unclosed [IPv6] host"))?;
+            h.parse::<std::net::Ipv6Addr>().map_err(|_| err("not an IPv6 address in [ ]"))?;
+            (h, tail.strip_prefix(':'))
+        }
+        None => match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        },
+    };
+    if let Some(p) = port
+        && p.parse::<u16>().ok().filter(|p| *p > 0).is_none()
+    {
+        return Err(err("the port must be 1-65535"));
+    }
+    // An IPv4 literal only in its one canonical dotted form; a name must end
+    // in a label with a letter. URL parsers read `127.1`, `2130706433` or
+    // `0x7f.0.0.1` as addresses, which must not slip past the network guard
+    // as "names".
+    if !rest.starts_with('[') && host.parse::<std::net::Ipv4Addr>().is_err() {
+        let last = host.rsplit('.').next().unwrap_or("");
+        let name_ok = !host.is_empty()
+            && !host.ends_with('.')
+            && host.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+            && last.bytes().any(|b| b.is_ascii_alphabetic())
+            && !(last.len() > 2
+                && last[..2].eq_ignore_ascii_case("0x")
+                && last[2..].bytes().all(|b| b.is_ascii_hexdigit()));
+        if !name_ok {
+            return Err(err("the host must be a DNS name or a canonical IP address"));
+        }
+    }
     Ok(s.strip_suffix('/').unwrap_or(s).to_ascii_lowercase())
 }
 
@@ -231,6 +264,22 @@ impl Injection {
         };
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
             return Err(err("the name must be letters, digits, '-', '_' or '.'"));
+        }
+        const RESERVED: [&str; 11] = [
+            "host",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "te",
+            "trailer",
+            "upgrade",
+            "keep-alive",
+            "proxy-authorization",
+            "proxy-connection",
+            "expect",
+        ];
+        if kind == "header" && RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+            return Err(err("that header frames or routes the request; choose another"));
         }
         if template.matches("{value}").count() != 1 || template.chars().any(|c| c.is_control()) {
             return Err(err("the template must contain {value} exactly once and no control characters"));
@@ -359,7 +408,27 @@ mod tests {
     fn origins() {
         assert_eq!(validate_origin("https://API.openai.com/").unwrap(), "https://api.openai.com");
         assert!(validate_origin("https://a.example:8443").is_ok());
-        for bad in ["ftp://x", "https://", "https://a/b", "https://u@a", "https://a?x", "api.openai.com"] {
+        assert!(validate_origin("https://127.0.0.1:8443").is_ok());
+        assert!(validate_origin("https://[::1]:8443").is_ok());
+        for bad in [
+            "ftp://x",
+            "https://",
+            "https://a/b",
+            "https://u@a",
+            "https://a?x",
+            "api.openai.com",
+            "https://127.1",
+            "https://2130706433",
+            "https://0x7f.0.0.1",
+            "https://127.0.0.1.",
+            "https://a.b.",
+            "https://x:0",
+            "https://x:99999",
+            "https://0x7f",
+            "https://a..b",
+            "https://[::1",
+            "https://[nope]",
+        ] {
             assert!(validate_origin(bad).is_err(), "{bad}");
         }
     }

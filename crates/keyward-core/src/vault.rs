@@ -1332,6 +1332,11 @@ fn check_injectable(secret: &Secret, value: &SecretValue) -> Result<(), CoreErro
             "contains control characters (CR, LF, …) that would break the header it is sent in",
         ));
     }
+    // Shorter values could not be told apart from ordinary text when the
+    // proxy redacts echoes of them.
+    if text.len() < 8 {
+        return Err(CoreError::invalid("value", "a key the proxy injects must be at least 8 characters"));
+    }
     if secret.provider == Provider::Twilio.as_str() && !text.contains(':') {
         return Err(CoreError::invalid("value", "a twilio value is ACCOUNT_SID:AUTH_TOKEN"));
     }

@@ -308,6 +308,11 @@ async fn answer(State(st): State<MockState>, req: Request) -> Response {
             st.release.notify_one();
             json(serde_json::json!({"released": true}))
         }
+        "/echo/url" => json(
+            serde_json::json!({"error": format!("no route for {}?{}", parts.uri.path(), parts.uri.query().unwrap_or(""))}),
+        ),
+        "/gzip" => ([("content-encoding", "gzip"), ("content-type", "application/json")], vec![0x1f, 0x8b, 0x08, 0])
+            .into_response(),
         "/slow" => {
             tokio::time::sleep(Duration::from_secs(5)).await;
             json(serde_json::json!({"late": true}))

@@ -183,7 +183,13 @@ fn upstream_error(e: &reqwest::Error) -> ApiError {
     let mut src: Option<&dyn std::error::Error> = Some(e);
     while let Some(s) = src {
         if let Some(refused) = s.downcast_ref::<guard::Refused>() {
-            return ApiError::new(StatusCode::FORBIDDEN, "upstream_forbidden", refused.to_string());
+            // The agent learns that, not which internal address the name has.
+            tracing::warn!(detail = %refused, "upstream address refused");
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "upstream_forbidden",
+                "the upstream resolves to an address this secret may not reach",
+            );
         }
         src = s.source();
     }
@@ -225,58 +231,24 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
         .vault
         .use_secret(token.as_deref().map_or("", |t| t.as_str()), &secret_ref, UseMode::Proxy, None, &meta)
         .await?;
-    let secret = &released.secret;
-    let origin = secret.upstream.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::FORBIDDEN,
-            "no_upstream",
-            "this secret is bound to no upstream (secret put --upstream)",
-        )
-    })?;
-    let (scheme, host) = origin_host(&origin);
-    let literal = host.parse::<IpAddr>().ok();
-    if let Some(ip) = literal {
-        guard::check(ip, secret.allow_internal)
-            .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "upstream_forbidden", e.to_string()))?;
-    }
-    if scheme == "http" {
-        let loopback = host == "localhost" || literal.is_some_and(|ip| ip.is_loopback());
-        if !(loopback && secret.allow_internal) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "plaintext_upstream",
-                "http:// upstreams are allowed only on loopback, for secrets allowed an internal upstream",
-            ));
+    let outcome = Outcome {
+        vault: s.vault.clone(),
+        record: released.record.clone(),
+        released_seq: released.audit_seq,
+        meta: meta.clone(),
+        started,
+    };
+    // The use is already audited as allowed: every refusal from here on
+    // completes the trail with its reason.
+    let prepared = prepare(&released, &parts, &path, websocket.is_some());
+    let (url, headers, redactor) = match prepared {
+        Ok(p) => p,
+        Err(err) => {
+            outcome.record(err.status.as_u16(), 0, Some(err.code)).await;
+            return Err(err);
         }
-    }
-    let value = released
-        .value
-        .expose_str()
-        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "not_utf8", "the stored value is not UTF-8"))?;
-
-    let mut headers = parts.headers.clone();
-    for h in hop_by_hop(&parts.headers) {
-        headers.remove(h);
-    }
-    if websocket.is_some() {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        // No permessage-deflate: frames must stay plain to be redacted.
-        headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
-    }
-    headers.remove(header::HOST);
-    headers.remove(crate::handlers::PURPOSE_HEADER);
-    // Compressed answers could hide an echoed key from redaction.
-    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    presets::strip_agent_credentials(&mut headers);
-    let mut query = presets::forward_query(parts.uri.query());
-    presets::inject(&secret.provider, secret.inject.as_deref(), value, &mut headers, &mut query)?;
-    let url = if query.is_empty() { format!("{origin}{path}") } else { format!("{origin}{path}?{}", query.join("&")) };
-    let redactor = redact::Redactor::new(
-        &presets::key_parts(&secret.provider, value).iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
-    );
-    drop(query);
-
+    };
+    let secret = &released.secret;
     let client = match (secret.allow_internal, websocket.is_some()) {
         (false, false) => &s.upstreams.strict,
         (true, false) => &s.upstreams.internal,
@@ -287,13 +259,6 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     if websocket.is_none() {
         upstream_req = upstream_req.body(reqwest::Body::wrap_stream(body.into_data_stream()));
     }
-    let outcome = Outcome {
-        vault: s.vault.clone(),
-        record: released.record.clone(),
-        released_seq: released.audit_seq,
-        meta: meta.clone(),
-        started,
-    };
     let resp = match upstream_req.send().await {
         Ok(r) => r,
         Err(e) => {
@@ -307,6 +272,17 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     };
 
     let status = resp.status();
+    // keyward asked for `identity`; a compressed answer could hide an echo
+    // of the key from redaction, so it is refused rather than passed on.
+    if resp.headers().get(header::CONTENT_ENCODING).is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity")) {
+        let err = ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_compressed",
+            "the upstream sent a compressed answer, which keyward cannot check for echoes of the key",
+        );
+        outcome.record(err.status.as_u16(), 0, Some(err.code)).await;
+        return Err(err);
+    }
     if let (Some(agent_side), StatusCode::SWITCHING_PROTOCOLS) = (websocket, status) {
         return websocket_tunnel(resp, agent_side, redactor, outcome).await;
     }
@@ -360,6 +336,73 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     *response.status_mut() = status;
     *response.headers_mut() = out_headers;
     Ok(response)
+}
+
+/// Checks the secret's binding and builds what goes upstream: the URL,
+/// the headers (agent credentials out, real key in) and the redactor.
+fn prepare(
+    released: &keyward_core::vault::Released,
+    parts: &axum::http::request::Parts,
+    path: &str,
+    websocket: bool,
+) -> Result<(String, HeaderMap, redact::Redactor), ApiError> {
+    let secret = &released.secret;
+    let origin = secret.upstream.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "no_upstream",
+            "this secret is bound to no upstream (secret put --upstream)",
+        )
+    })?;
+    let (scheme, host) = origin_host(&origin);
+    let literal = host.parse::<IpAddr>().ok();
+    if let Some(ip) = literal {
+        guard::check(ip, secret.allow_internal).map_err(|e| {
+            tracing::warn!(detail = %e, "upstream address refused");
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "upstream_forbidden",
+                "the upstream is an address this secret may not reach",
+            )
+        })?;
+    }
+    if scheme == "http" {
+        let loopback = host == "localhost" || literal.is_some_and(|ip| ip.is_loopback());
+        if !(loopback && secret.allow_internal) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "plaintext_upstream",
+                "http:// upstreams are allowed only on loopback, for secrets allowed an internal upstream",
+            ));
+        }
+    }
+    let value = released
+        .value
+        .expose_str()
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "not_utf8", "the stored value is not UTF-8"))?;
+
+    let mut headers = parts.headers.clone();
+    for h in hop_by_hop(&parts.headers) {
+        headers.remove(h);
+    }
+    if websocket {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        // No permessage-deflate: frames must stay plain to be redacted.
+        headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    }
+    headers.remove(header::HOST);
+    headers.remove(crate::handlers::PURPOSE_HEADER);
+    // Compressed answers could hide an echoed key from redaction.
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    presets::strip_agent_credentials(&mut headers);
+    let mut query = presets::forward_query(parts.uri.query());
+    presets::inject(&secret.provider, secret.inject.as_deref(), value, &mut headers, &mut query)?;
+    let url = if query.is_empty() { format!("{origin}{path}") } else { format!("{origin}{path}?{}", query.join("&")) };
+    let redactor = redact::Redactor::new(
+        &presets::key_parts(&secret.provider, value).iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
+    );
+    Ok((url, headers, redactor))
 }
 
 /// Answers 101 and joins the agent's and the upstream's connections.

@@ -17,9 +17,34 @@ pub struct Redactor {
     carry: Zeroizing<Vec<u8>>,
 }
 
-/// The forms a value can be echoed in.
+fn percent_encoded(value: &[u8], upper: bool, plus_for_space: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len() * 3);
+    for &b in value {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b);
+        } else if b == b' ' && plus_for_space {
+            out.push(b'+');
+        } else if upper {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        } else {
+            out.extend_from_slice(format!("%{b:02x}").as_bytes());
+        }
+    }
+    out
+}
+
+/// The forms a value can be echoed in: as is, JSON-escaped (`\/`),
+/// percent-encoded (a query-injected key echoed in a URL), and base64.
 fn forms_of(value: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
     let mut forms = vec![Zeroizing::new(value.to_vec())];
+    if value.contains(&b'/') {
+        let escaped: Vec<u8> =
+            value.iter().flat_map(|&b| if b == b'/' { vec![b'\\', b'/'] } else { vec![b] }).collect();
+        forms.push(Zeroizing::new(escaped));
+    }
+    for (upper, plus) in [(true, false), (false, false), (true, true), (false, true)] {
+        forms.push(Zeroizing::new(percent_encoded(value, upper, plus)));
+    }
     for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
         for offset in 0..3usize {
             let mut input = Zeroizing::new(vec![0u8; offset]);
@@ -71,15 +96,23 @@ impl Redactor {
         hit.then_some(out)
     }
 
-    /// Feeds one chunk; returns what can be sent now. The last
-    /// `longest - 1` bytes are held back, since a form may start there.
+    /// How many trailing bytes of `buf` could be the start of a form (and
+    /// must wait for the next chunk). Usually none: an SSE event ending in
+    /// a blank line is sent whole, at once.
+    fn held_back(&self, buf: &[u8]) -> usize {
+        let max = buf.len().min(self.longest.saturating_sub(1));
+        (1..=max).rev().find(|&k| self.forms.iter().any(|f| f.starts_with(&buf[buf.len() - k..]))).unwrap_or(0)
+    }
+
+    /// Feeds one chunk; returns what can be sent now. Only a tail that
+    /// could begin an echo of the key is held back for the next chunk.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
         if self.forms.is_empty() {
             return chunk.to_vec();
         }
         self.carry.extend_from_slice(chunk);
         let buf = std::mem::take(&mut *self.carry);
-        let keep_from = buf.len().saturating_sub(self.longest - 1);
+        let keep_from = buf.len() - self.held_back(&buf);
         let mut out = Vec::with_capacity(buf.len());
         let mut i = 0;
         while i < keep_from {
@@ -160,6 +193,33 @@ mod tests {
         let body = b"data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}]}\n\n".repeat(50);
         let out = run(&mut r, &body.chunks(7).collect::<Vec<_>>());
         assert_eq!(out, body);
+    }
+
+    #[test]
+    fn percent_encoded_and_json_escaped_echoes_are_replaced() {
+        let value = b"gen+KEY/with=chars 1234567890";
+        let r = Redactor::new(&[value]);
+        for echo in [
+            "api_key=gen%2BKEY%2Fwith%3Dchars%201234567890",
+            "api_key=gen%2bKEY%2fwith%3dchars%201234567890",
+            "api_key=gen%2BKEY%2Fwith%3Dchars+1234567890",
+            "{\"k\":\"gen+KEY\\/with=chars 1234567890\"}",
+        ] {
+            let out = r.redact_all(echo.as_bytes()).unwrap_or_else(|| panic!("missed {echo}"));
+            assert!(String::from_utf8_lossy(&out).contains("[redacted by keyward]"), "{echo}");
+        }
+    }
+
+    #[test]
+    fn complete_events_are_not_held_back() {
+        let mut r = Redactor::new(&[KEY]);
+        let event = b"data: {\"delta\":\"hi\"}\n\n";
+        assert_eq!(r.push(event), event.to_vec(), "nothing held back after a blank line");
+        // A tail that could start the key waits for the next chunk.
+        let out = r.push(b"data: sk-pro");
+        assert_eq!(out, b"data: ".to_vec());
+        let out = r.push(b"ject");
+        assert_eq!(out, b"sk-project".to_vec());
     }
 
     #[test]

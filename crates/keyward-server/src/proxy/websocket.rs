@@ -17,6 +17,8 @@ pub enum FrameError {
     TooLarge,
     #[error("extension bits set without a negotiated extension")]
     Reserved,
+    #[error("reserved opcode {0}")]
+    Opcode(u8),
 }
 
 /// Copies upstream → agent frame by frame, redacting data payloads. Returns
@@ -59,6 +61,9 @@ where
                 *b ^= mask[i % 4];
             }
         }
+        if (3..=7).contains(&opcode) || opcode > 0xa {
+            return Err(FrameError::Opcode(opcode));
+        }
         let out = if opcode <= 2 {
             // Data (text, binary, continuation): a message may span frames,
             // so the redactor carries across them until the final one.
@@ -68,7 +73,14 @@ where
             }
             clean
         } else {
-            payload
+            // Close (code + reason), ping, pong: a reason can echo the key
+            // too. Control payloads stay within the protocol's 125 bytes.
+            let (head, body) =
+                if opcode == 0x8 && payload.len() >= 2 { payload.split_at(2) } else { payload.split_at(0) };
+            let mut out = head.to_vec();
+            out.extend(redactor.redact_all(body).unwrap_or_else(|| body.to_vec()));
+            out.truncate(125);
+            out
         };
         write_frame(&mut to, fin, opcode, &out).await?;
         sent += out.len() as u64;
@@ -133,6 +145,18 @@ mod tests {
         let text = String::from_utf8_lossy(&out);
         assert!(!text.contains("sk-SECRET"), "{text}");
         assert!(text.contains("[redacted by keyward]"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn close_reasons_are_redacted() {
+        let reason = b"bad key sk-SECRET-123456789";
+        let mut input = vec![0x88, (reason.len() + 2) as u8, 0x03, 0xe8];
+        input.extend_from_slice(reason);
+        let out = frames(input).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(!text.contains("sk-SECRET"), "{text}");
+        assert!(text.contains("[redacted by keyward]"));
+        assert_eq!(&out[2..4], &[0x03, 0xe8], "the close code is kept");
     }
 
     #[tokio::test]
