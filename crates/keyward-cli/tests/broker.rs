@@ -204,7 +204,9 @@ async fn rotation_with_grace_rollback_versions_and_metrics(b: Backend) {
     assert_eq!(json(&s.resolve(&token, "k").await.1)["value"], "value-one-11111");
     assert!(!s.cli(&["secret", "rollback", "k"]).status.success(), "nothing left to roll back to");
 
-    let metrics = s.http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let anonymous = s.http.get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401, "metrics need a token");
+    let metrics = s.http.get(s.url("/metrics")).bearer_auth(&s.admin_token).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("keyward_secrets{status=\"expiring\"} 1"), "{metrics}");
     assert!(metrics.contains("keyward_uses_total{mode=\"reveal\",outcome=\"allowed\"} 3"), "{metrics}");
     assert!(!metrics.contains("value-"));

@@ -136,6 +136,33 @@ async fn streaming_answers_arrive_chunk_by_chunk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_the_agent_cuts_its_open_stream() {
+    let t = setup().await;
+    let mut resp = t.post("openai", "/v1/chat/completions", r#"{"model":"gpt-x","stream":true,"messages":[]}"#).await;
+    assert_eq!(resp.status(), 200);
+    let first = resp.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("Hel"));
+    // The mock still holds its last chunk; the kill switch must not wait for it.
+    assert!(t.s.cli(&["agent", "disable", "bot"]).status.success());
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut got = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => got.extend_from_slice(&c),
+                Ok(None) => return Ok(got),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the stream is cut at once, not when the upstream finishes");
+    assert!(rest.is_err(), "a cut stream must not look complete: {rest:?}");
+    t.mock.release.notify_one();
+    let out = t.s.cli(&["audit", "--action", "secret.proxy.done", "--json"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("killed_by_policy_change"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sdk_slot_is_read_and_every_preset_injects_its_way() {
     let t = setup().await;
     let origin = t.mock.origin();

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::RwLock;
+use std::time::{Duration, Instant};
 
 use crate::crypto::KeyMaterial;
 use crate::model::{Agent, AgentToken, Grant, Secret, SecretVersion};
@@ -17,10 +18,13 @@ use crate::model::{Agent, AgentToken, Grant, Secret, SecretVersion};
 /// Above this many entries a map is cleared rather than grown (bounds memory
 /// against callers probing many names).
 const MAX_ENTRIES: usize = 20_000;
+/// Backstop for a replica whose change notifications silently stopped
+/// (half-open connection): no entry is trusted for longer than this.
+const MAX_AGE: Duration = Duration::from_secs(15);
 
 struct Gen<K, V> {
     generation: u64,
-    map: HashMap<K, V>,
+    map: HashMap<K, (V, Instant)>,
 }
 
 pub(crate) struct CacheMap<K, V>(RwLock<Gen<K, V>>);
@@ -33,7 +37,10 @@ impl<K: Eq + Hash, V: Clone> CacheMap<K, V> {
     /// Returns the value, or the generation to pass to [`Self::fill`].
     pub(crate) fn get(&self, k: &K) -> Result<V, u64> {
         let g = self.0.read().unwrap_or_else(|e| e.into_inner());
-        g.map.get(k).cloned().ok_or(g.generation)
+        match g.map.get(k) {
+            Some((v, at)) if at.elapsed() < MAX_AGE => Ok(v.clone()),
+            _ => Err(g.generation),
+        }
     }
 
     pub(crate) fn fill(&self, generation: u64, k: K, v: V) {
@@ -44,7 +51,7 @@ impl<K: Eq + Hash, V: Clone> CacheMap<K, V> {
         if g.map.len() >= MAX_ENTRIES {
             g.map.clear();
         }
-        g.map.insert(k, v);
+        g.map.insert(k, (v, Instant::now()));
     }
 
     fn invalidate(&self) {

@@ -223,6 +223,9 @@ pub struct Vault {
     expiring_window_secs: std::sync::atomic::AtomicI64,
     /// Uses by (action, outcome), for `/metrics`.
     uses: [std::sync::atomic::AtomicU64; 4],
+    /// Bumped on every policy change (local or from another replica), so
+    /// that open proxy streams re-check whether they may go on.
+    policy_epoch: tokio::sync::watch::Sender<u64>,
 }
 
 fn seal_err(e: SealError) -> CoreError {
@@ -325,6 +328,7 @@ impl Vault {
             cache: Cache::new(),
             expiring_window_secs: std::sync::atomic::AtomicI64::new(DEFAULT_EXPIRING_WINDOW.whole_seconds()),
             uses: Default::default(),
+            policy_epoch: tokio::sync::watch::Sender::new(0),
         });
         if let Some(mut changes) = vault.store.watch_changes() {
             let weak = Arc::downgrade(&vault);
@@ -360,6 +364,34 @@ impl Vault {
         })
     }
 
+    fn policy_changed(&self) {
+        self.cache.invalidate_policy();
+        self.policy_epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Changes whenever policy may have changed.
+    pub fn watch_policy(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.policy_epoch.subscribe()
+    }
+
+    /// Whether an ongoing use (an open proxy stream or WebSocket) may go on:
+    /// the agent is still enabled, still granted proxy use, and the version
+    /// it uses is still current. Read from the store, not the caches.
+    pub async fn still_allowed(&self, record: &UseRecord) -> Result<bool, CoreError> {
+        let Some(agent_id) = record.actor.id.as_deref() else { return Ok(false) };
+        let agent = self.store.find_agent(&record.org_id, agent_id).await?;
+        if agent.is_none_or(|a| a.disabled) {
+            return Ok(false);
+        }
+        let now = self.now();
+        let grant = self.store.find_grant(agent_id, &record.secret_id).await?;
+        if !grant.is_some_and(|g| g.modes.proxy && g.expires_at.is_none_or(|e| e > now)) {
+            return Ok(false);
+        }
+        let version = self.store.get_version(&record.secret_id, record.version).await?;
+        Ok(version.is_some_and(|v| v.state == VersionState::Current && v.expires_at.is_none_or(|e| e > now)))
+    }
+
     pub fn expiring_window(&self) -> time::Duration {
         time::Duration::seconds(self.expiring_window_secs.load(std::sync::atomic::Ordering::Relaxed))
     }
@@ -378,13 +410,14 @@ impl Vault {
         self.uses[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Prometheus text exposition: secrets by status (every org) and uses
-    /// since start by mode and outcome. Counts only: no names, no values.
-    pub async fn metrics(&self) -> Result<String, CoreError> {
+    /// Prometheus text exposition: secrets by status (the orgs the caller
+    /// sees) and uses since start by mode and outcome. Counts only: no
+    /// names, no values. Needs a human token (Prometheus: `bearer_token`).
+    pub async fn metrics(&self, p: &Principal) -> Result<String, CoreError> {
         self.ensure_unsealed()?;
         let mut by_status = std::collections::BTreeMap::new();
         let now = self.now();
-        for org in self.store.list_orgs().await? {
+        for org in self.list_orgs(p).await? {
             for secret in self.store.list_secrets(&org.id).await? {
                 let current = self.store.current_version(&secret.id).await?;
                 let status = secret_status(&secret, current.as_ref(), now, self.expiring_window());
@@ -944,7 +977,7 @@ impl Vault {
         check_injectable(&secret, &value)?;
         let v1 = self.encrypt_version(&secret, 1, &value, None).await?;
         self.store.create_secret(&secret, &v1).await.map_err(dup("secret"))?;
-        self.cache.invalidate_policy();
+        self.policy_changed();
         self.secret_info_of(secret).await
     }
 
@@ -1029,7 +1062,7 @@ impl Vault {
         self.authorize(p, org, Role::Admin, draft).await?;
         let v = self.encrypt_version(&secret, next, &value, expires).await?;
         self.store.rotate_secret(&v, now, grace.map(|g| now + g)).await.map_err(dup("version"))?;
-        self.cache.invalidate_policy();
+        self.policy_changed();
         self.secret_info_of(secret).await
     }
 
@@ -1051,7 +1084,7 @@ impl Vault {
         };
         self.authorize(p, org, Role::Admin, draft).await?;
         let restored = self.store.rollback_secret(&secret.id, self.now()).await?;
-        self.cache.invalidate_policy();
+        self.policy_changed();
         if restored.is_none() {
             return Err(CoreError::Conflict {
                 message: "no previous version to roll back to (none, or its grace period is over)".into(),
@@ -1065,7 +1098,7 @@ impl Vault {
     pub async fn sweep(&self) -> Result<u64, CoreError> {
         let n = self.store.expire_grace(self.now()).await?;
         if n > 0 {
-            self.cache.invalidate_policy();
+            self.policy_changed();
             self.audit_now(AuditDraft {
                 actor: Actor::system(),
                 action: "secret.grace_expired".into(),
@@ -1095,7 +1128,7 @@ impl Vault {
         };
         self.authorize(p, org, Role::Admin, draft).await?;
         let changed = self.store.revoke_versions(&secret.id, version, self.now()).await?;
-        self.cache.invalidate_policy();
+        self.policy_changed();
         if changed == 0 && version.is_some() {
             return Err(not_found("active version"));
         }
@@ -1118,7 +1151,7 @@ impl Vault {
         };
         self.authorize(p, org, Role::Admin, draft).await?;
         self.store.delete_secret(&secret.id).await?;
-        self.cache.invalidate_policy();
+        self.policy_changed();
         Ok(())
     }
 
@@ -1193,7 +1226,7 @@ impl Vault {
             AuditDraft { reason: Some(format!("agent={}", agent.name)), ..self.admin_draft(action, None, meta) };
         self.authorize(p, org, Role::Admin, draft).await?;
         self.store.set_agent_disabled(&agent.id, disabled).await?;
-        self.cache.invalidate_policy();
+        self.policy_changed();
         agent.disabled = disabled;
         Ok(agent)
     }
@@ -1232,7 +1265,7 @@ impl Vault {
             created_at: self.now(),
         };
         self.store.put_grant(&grant).await?;
-        self.cache.invalidate_policy();
+        self.policy_changed();
         Ok(grant)
     }
 
@@ -1275,7 +1308,7 @@ impl Vault {
         };
         self.authorize(p, org, Role::Admin, draft).await?;
         let removed = self.store.delete_grant(&agent.id, &secret.id).await?;
-        self.cache.invalidate_policy();
+        self.policy_changed();
         if removed { Ok(()) } else { Err(not_found("grant")) }
     }
 

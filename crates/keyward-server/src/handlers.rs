@@ -331,8 +331,8 @@ pub async fn rollback_secret(
     ok(s.vault.rollback_secret(&p, &org, &secret, &meta).await?)
 }
 
-pub async fn metrics(State(s): State<AppState>) -> ApiResult {
-    let text = s.vault.metrics().await?;
+pub async fn metrics(State(s): State<AppState>, Admin(p, _): Admin) -> ApiResult {
+    let text = s.vault.metrics(&p).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 

@@ -38,7 +38,7 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
         "Make the previous version current again (within its grace period)",
         "user",
     ),
-    ("get", "/metrics", "Prometheus text: secrets by status, uses by mode and outcome (counts only)", "none"),
+    ("get", "/metrics", "Prometheus text: secrets by status, uses by mode and outcome (counts only)", "user"),
     ("get", "/v1/orgs/{org}/agents", "List agents", "user"),
     ("post", "/v1/orgs/{org}/agents", "Create an agent; its token is returned once", "user"),
     ("get", "/v1/orgs/{org}/agents/{agent}", "Show an agent and its grants", "user"),

@@ -156,7 +156,7 @@ async fn expiry_and_statuses(e: Env) {
     e.vault.set_expiring_window(Duration::days(7));
     assert_eq!(e.status("soon").await, "ok", "the window is configurable");
 
-    let metrics = e.vault.metrics().await.unwrap();
+    let metrics = e.vault.metrics(&e.admin).await.unwrap();
     for line in [
         "keyward_secrets{status=\"ok\"} 2",
         "keyward_secrets{status=\"expired\"} 3",

@@ -301,10 +301,26 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
     let mut upstream_body = resp.bytes_stream();
     let mut redactor = redactor;
+    let vault = s.vault.clone();
+    let mut policy = s.vault.watch_policy();
     tokio::spawn(async move {
         let mut sent = 0u64;
         let mut failure = None;
-        while let Some(chunk) = upstream_body.next().await {
+        loop {
+            let chunk = tokio::select! {
+                c = upstream_body.next() => c,
+                // Kill switch: a disabled agent, a removed grant or a revoked
+                // version ends an open stream too, not only the next request.
+                Ok(()) = policy.changed() => {
+                    if vault.still_allowed(&outcome.record).await.unwrap_or(false) {
+                        continue;
+                    }
+                    failure = Some("killed_by_policy_change");
+                    let _ = tx.send(Err(std::io::Error::other("access revoked"))).await;
+                    break;
+                }
+            };
+            let Some(chunk) = chunk else { break };
             match chunk {
                 Ok(c) => {
                     let clean = redactor.push(&c);
@@ -432,12 +448,24 @@ async fn websocket_tunnel(
         let mut upstream_write = upstream_write;
         let up = async { tokio::io::copy(&mut agent_read, &mut upstream_write).await };
         let down = websocket::copy_redacted(&mut upstream_read, &mut agent_write, redactor);
+        let vault = outcome.vault.clone();
+        let record = outcome.record.clone();
+        let mut policy = vault.watch_policy();
+        let killed = async {
+            while policy.changed().await.is_ok() {
+                if !vault.still_allowed(&record).await.unwrap_or(false) {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await
+        };
         let (sent, failure) = tokio::select! {
             r = down => match r {
                 Ok(n) => (n, None),
                 Err(_) => (0, Some("websocket_error")),
             },
             _ = up => (0, None),
+            _ = killed => (0, Some("killed_by_policy_change")),
         };
         outcome.record(101, sent, failure).await;
     });
