@@ -212,6 +212,27 @@ async fn rotation_with_grace_rollback_versions_and_metrics(b: Backend) {
     assert!(!metrics.contains("value-"));
 }
 
+async fn failed_authentication_is_rate_limited_per_source(b: Backend) {
+    let s = Server::start(b).await;
+    let mut statuses = Vec::new();
+    for _ in 0..60 {
+        statuses.push(s.resolve("kwa_not-a-real-token", "k").await.0);
+    }
+    assert_eq!(statuses[0], 401);
+    assert!(statuses.contains(&429), "a burst of failures is cut: {statuses:?}");
+    let db = s.db().await;
+    let failures = db.int("SELECT COUNT(*) FROM audit_events WHERE action = 'secret.resolve'").await;
+    let summaries = db.int("SELECT COUNT(*) FROM audit_events WHERE action = 'auth.rate_limited'").await;
+    db.close().await;
+    assert!(failures < 45, "not every failure costs a durable write: {failures}");
+    assert!(summaries >= 1, "the limiting itself is audited");
+    // A real token from the same address still works.
+    s.put_secret(None, "k", VALUE, &[]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal", &[]);
+    assert_eq!(s.resolve(&token, "k").await.0, 200);
+}
+
 async fn auditor_reads_but_cannot_change(b: Backend) {
     let s = Server::start(b).await;
     s.put_secret(None, "k", VALUE, &[]);
@@ -597,6 +618,7 @@ macro_rules! on_every_store {
 }
 
 on_every_store!(
+    failed_authentication_is_rate_limited_per_source,
     rotation_with_grace_rollback_versions_and_metrics,
     walkthrough_put_agent_grant_resolve_audit,
     organizations_are_isolated,

@@ -14,6 +14,7 @@ pub enum ErrorKind {
     Forbidden,
     NotFound,
     Conflict,
+    RateLimited,
     Unavailable,
     Internal,
 }
@@ -35,6 +36,8 @@ pub enum CoreError {
     Sealed,
     #[error("wrong passphrase")]
     WrongPassphrase,
+    #[error("too many failed attempts from this address; slow down")]
+    RateLimited,
     #[error("the audit trail cannot be written, so the request was refused: {0}")]
     AuditUnavailable(#[source] StoreError),
     #[error("storage failed: {0}")]
@@ -55,6 +58,7 @@ impl CoreError {
             Self::Forbidden { .. } => ErrorKind::Forbidden,
             Self::NotFound { .. } => ErrorKind::NotFound,
             Self::Conflict { .. } => ErrorKind::Conflict,
+            Self::RateLimited => ErrorKind::RateLimited,
             Self::Sealed | Self::AuditUnavailable(_) => ErrorKind::Unavailable,
             Self::Store(StoreError::Unavailable(_)) => ErrorKind::Unavailable,
             Self::Store(_) | Self::Crypto(_) => ErrorKind::Internal,
@@ -71,6 +75,7 @@ impl CoreError {
             Self::Conflict { .. } => "conflict",
             Self::Sealed => "sealed",
             Self::WrongPassphrase => "wrong_passphrase",
+            Self::RateLimited => "rate_limited",
             Self::AuditUnavailable(_) => "audit_unavailable",
             Self::Store(StoreError::Unavailable(_)) => "store_unavailable",
             Self::Store(_) => "store_error",

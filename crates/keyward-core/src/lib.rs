@@ -10,6 +10,7 @@ pub mod clock;
 pub mod crypto;
 pub mod duration;
 pub mod error;
+mod limiter;
 pub mod model;
 pub mod seal;
 pub mod store;

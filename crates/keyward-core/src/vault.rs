@@ -226,6 +226,7 @@ pub struct Vault {
     /// Bumped on every policy change (local or from another replica), so
     /// that open proxy streams re-check whether they may go on.
     policy_epoch: tokio::sync::watch::Sender<u64>,
+    failures: crate::limiter::FailureLimiter,
 }
 
 fn seal_err(e: SealError) -> CoreError {
@@ -329,6 +330,7 @@ impl Vault {
             expiring_window_secs: std::sync::atomic::AtomicI64::new(DEFAULT_EXPIRING_WINDOW.whole_seconds()),
             uses: Default::default(),
             policy_epoch: tokio::sync::watch::Sender::new(0),
+            failures: Default::default(),
         });
         if let Some(mut changes) = vault.store.watch_changes() {
             let weak = Arc::downgrade(&vault);
@@ -495,7 +497,7 @@ impl Vault {
             }
             Err(e) => {
                 let err = seal_err(e);
-                self.audit_now(AuditDraft {
+                self.audit_failure(AuditDraft {
                     actor: Actor::anonymous(),
                     action: "sys.unseal".into(),
                     reason: Some(err.code().into()),
@@ -503,6 +505,25 @@ impl Vault {
                 })
                 .await?;
                 Err(err)
+            }
+        }
+    }
+
+    /// Audits a failed authentication, unless its source is over the
+    /// failure rate limit (then refuses with 429, summarised once a burst).
+    async fn audit_failure(&self, draft: AuditDraft) -> Result<(), CoreError> {
+        match self.failures.failure(draft.source_ip.as_deref()) {
+            crate::limiter::Verdict::Allow => self.audit_now(draft).await.map(|_| ()),
+            crate::limiter::Verdict::Limited { first } => {
+                if first {
+                    let summary = AuditDraft {
+                        action: "auth.rate_limited".into(),
+                        reason: Some(format!("failed attempts over the limit; last: {}", draft.action)),
+                        ..draft
+                    };
+                    self.audit_now(summary).await?;
+                }
+                Err(CoreError::RateLimited)
             }
         }
     }
@@ -534,7 +555,7 @@ impl Vault {
                 }
             }
         };
-        self.audit_now(AuditDraft {
+        self.audit_failure(AuditDraft {
             actor: Actor::anonymous(),
             action: "auth.user".into(),
             reason: Some(reason.into()),
@@ -658,7 +679,7 @@ impl Vault {
                 draft.actor = Actor::anonymous();
                 draft.reason = Some(reason.into());
                 self.count_use(mode, false);
-                self.audit_now(draft).await?;
+                self.audit_failure(draft).await?;
                 return Err(CoreError::Unauthenticated { reason });
             }
         };
