@@ -246,7 +246,13 @@ pub enum AgentCmd {
         /// Token lifetime (e.g. 30d).
         #[arg(long)]
         ttl: Option<String>,
+        /// Accept the token only from these networks (CIDR, repeatable).
+        #[arg(long = "allow-from")]
+        allow_from: Vec<String>,
     },
+    /// The agent's token.
+    #[command(subcommand)]
+    Token(AgentTokenCmd),
     List,
     Show {
         name: String,
@@ -262,6 +268,17 @@ pub enum AgentCmd {
     },
     Enable {
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AgentTokenCmd {
+    /// Issue a new token (printed once); the old one stops now or after --overlap.
+    Rotate {
+        name: String,
+        /// How long the old token keeps working (e.g. 1h), for a rolling redeploy.
+        #[arg(long)]
+        overlap: Option<String>,
     },
 }
 

@@ -459,9 +459,9 @@ fn fingerprint(secret: &Value) -> String {
 
 async fn agent(c: &Client, cmd: AgentCmd, json: bool) -> Result<(), CliError> {
     let v = match cmd {
-        AgentCmd::Create { name, description, ttl } => {
-            let v =
-                c.post(&c.org_path("/agents"), &json!({"name": name, "description": description, "ttl": ttl})).await?;
+        AgentCmd::Create { name, description, ttl, allow_from } => {
+            let body = json!({"name": name, "description": description, "ttl": ttl, "allow_from": allow_from});
+            let v = c.post(&c.org_path("/agents"), &body).await?;
             if !json {
                 println!("created agent {} ({}); its token, shown once:", s(&v["agent"]["name"]), s(&v["agent"]["id"]));
                 println!("{}", s(&v["token"]));
@@ -508,6 +508,18 @@ async fn agent(c: &Client, cmd: AgentCmd, json: bool) -> Result<(), CliError> {
             v
         }
         AgentCmd::Env { name } => return agent_env(c, &name, json).await,
+        AgentCmd::Token(AgentTokenCmd::Rotate { name, overlap }) => {
+            let path = c.org_path(&format!("/agents/{}/token", seg(&name)));
+            let v = c.post(&path, &json!({"overlap": overlap})).await?;
+            if !json {
+                let until =
+                    overlap.map(|o| format!("keeps working for {o}")).unwrap_or_else(|| "stopped working".into());
+                println!("new token for agent {name} (the old one {until}); shown once:");
+                println!("{}", s(&v["token"]));
+                return Ok(());
+            }
+            v
+        }
         AgentCmd::Disable { name } => toggle(c, &name, "disable").await?,
         AgentCmd::Enable { name } => toggle(c, &name, "enable").await?,
     };

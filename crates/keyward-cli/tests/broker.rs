@@ -233,6 +233,35 @@ async fn failed_authentication_is_rate_limited_per_source(b: Backend) {
     assert_eq!(s.resolve(&token, "k").await.0, 200);
 }
 
+async fn agents_bound_to_networks_and_token_rotation(b: Backend) {
+    let s = Server::start(b).await;
+    s.put_secret(None, "k", VALUE, &[]);
+    for (name, net) in [("inside", "127.0.0.0/8"), ("outside", "10.0.0.0/8")] {
+        s.cli_json(&["agent", "create", name, "--allow-from", net]);
+        s.grant(None, name, "k", "reveal", &[]);
+    }
+    let inside = s.cli_json(&["agent", "token", "rotate", "inside"])["token"].as_str().unwrap().to_owned();
+    let outside = s.cli_json(&["agent", "token", "rotate", "outside"])["token"].as_str().unwrap().to_owned();
+    assert_eq!(s.resolve(&inside, "k").await.0, 200, "127.0.0.1 is inside 127.0.0.0/8");
+    let (status, body) = s.resolve(&outside, "k").await;
+    assert_eq!((status, error_code(&body).as_str()), (401, "source_not_allowed"));
+    let out = s.cli(&["agent", "create", "bad", "--allow-from", "10.0.0.0/99"]);
+    assert!(!out.status.success());
+
+    // Rotation without overlap: the old token stops at once.
+    let old = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal", &[]);
+    assert_eq!(s.resolve(&old, "k").await.0, 200);
+    let new = s.cli_json(&["agent", "token", "rotate", "bot"])["token"].as_str().unwrap().to_owned();
+    assert!(new.starts_with("kwa_") && new != old);
+    assert_eq!(s.resolve(&old, "k").await.0, 401);
+    assert_eq!(s.resolve(&new, "k").await.0, 200);
+    let with_overlap =
+        s.cli_json(&["agent", "token", "rotate", "bot", "--overlap", "1h"])["token"].as_str().unwrap().to_owned();
+    assert_eq!(s.resolve(&new, "k").await.0, 200, "the previous token works during the overlap");
+    assert_eq!(s.resolve(&with_overlap, "k").await.0, 200);
+}
+
 async fn auditor_reads_but_cannot_change(b: Backend) {
     let s = Server::start(b).await;
     s.put_secret(None, "k", VALUE, &[]);
@@ -618,6 +647,7 @@ macro_rules! on_every_store {
 }
 
 on_every_store!(
+    agents_bound_to_networks_and_token_rotation,
     failed_authentication_is_rate_limited_per_source,
     rotation_with_grace_rollback_versions_and_metrics,
     walkthrough_put_agent_grant_resolve_audit,

@@ -565,7 +565,11 @@ impl Vault {
         Err(CoreError::Unauthenticated { reason })
     }
 
-    async fn agent_for_token(&self, presented: &str) -> Result<Result<(Agent, AgentToken), &'static str>, CoreError> {
+    async fn agent_for_token(
+        &self,
+        presented: &str,
+        source_ip: Option<&str>,
+    ) -> Result<Result<(Agent, AgentToken), &'static str>, CoreError> {
         match token::parse(presented) {
             Err(_) => return Ok(Err("invalid_token")),
             Ok(TokenKind::User) => return Ok(Err("wrong_token_kind")),
@@ -593,6 +597,14 @@ impl Vault {
         }
         if agent.disabled {
             return Ok(Err("agent_disabled"));
+        }
+        if !agent.allow_from.is_empty() {
+            let ip = source_ip.and_then(|s| s.parse::<std::net::IpAddr>().ok());
+            let inside = ip
+                .is_some_and(|ip| agent.allow_from.iter().filter_map(|c| Cidr::parse(c).ok()).any(|c| c.contains(ip)));
+            if !inside {
+                return Ok(Err("source_not_allowed"));
+            }
         }
         Ok(Ok((agent, tok)))
     }
@@ -673,7 +685,7 @@ impl Vault {
             secret_name: Some(clean_free_text(secret_ref)),
             ..draft_base(now, Outcome::Denied, meta)
         };
-        let (agent, tok) = match self.agent_for_token(presented_token).await? {
+        let (agent, tok) = match self.agent_for_token(presented_token, meta.source_ip.as_deref()).await? {
             Ok(found) => found,
             Err(reason) => {
                 draft.actor = Actor::anonymous();
@@ -1183,9 +1195,13 @@ impl Vault {
         name: &str,
         description: Option<String>,
         token_ttl: Option<time::Duration>,
+        allow_from: Vec<String>,
         meta: &RequestMeta,
     ) -> Result<(Agent, Token), CoreError> {
         validate_name("agent name", name)?;
+        for c in &allow_from {
+            Cidr::parse(c)?;
+        }
         let description = description.map(|d| validate_text("description", d)).transpose()?;
         let draft =
             AuditDraft { reason: Some(format!("agent={name}")), ..self.admin_draft("agent.create", None, meta) };
@@ -1197,6 +1213,7 @@ impl Vault {
             name: name.into(),
             description,
             disabled: false,
+            allow_from,
             created_at: now,
         };
         let token = Token::generate(TokenKind::Agent)?;
@@ -1250,6 +1267,37 @@ impl Vault {
         self.policy_changed();
         agent.disabled = disabled;
         Ok(agent)
+    }
+
+    /// A new token for an agent, shown once. Its other tokens keep working
+    /// for `overlap` (a rolling redeploy), or stop at once.
+    pub async fn rotate_agent_token(
+        &self,
+        p: &Principal,
+        org: &str,
+        reference: &str,
+        overlap: Option<time::Duration>,
+        meta: &RequestMeta,
+    ) -> Result<(Agent, Token), CoreError> {
+        self.ensure_unsealed()?;
+        let org_rec = self.org_for(p, org).await?;
+        let agent = self.store.find_agent(&org_rec.id, reference).await?.ok_or_else(|| not_found("agent"))?;
+        let reason = format!("agent={} overlap={}s", agent.name, overlap.map_or(0, |o| o.whole_seconds()));
+        let draft = AuditDraft { reason: Some(reason), ..self.admin_draft("agent.token_rotate", None, meta) };
+        self.authorize(p, org, Role::Admin, draft).await?;
+        let now = self.now();
+        let token = Token::generate(TokenKind::Agent)?;
+        let t = AgentToken {
+            id: new_id("atk"),
+            agent_id: agent.id.clone(),
+            hash: token.hash(),
+            created_at: now,
+            expires_at: None,
+            revoked: false,
+        };
+        self.store.rotate_agent_token(&t, now + overlap.unwrap_or(time::Duration::ZERO)).await?;
+        self.policy_changed();
+        Ok((agent, token))
     }
 
     #[allow(clippy::too_many_arguments)]

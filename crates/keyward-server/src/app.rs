@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{org}/agents/{agent}", get(h::show_agent))
         .route("/v1/orgs/{org}/agents/{agent}/disable", post(h::disable_agent))
         .route("/v1/orgs/{org}/agents/{agent}/enable", post(h::enable_agent))
+        .route("/v1/orgs/{org}/agents/{agent}/token", post(h::rotate_agent_token))
         .route("/v1/orgs/{org}/grants", get(h::list_grants).post(h::add_grant))
         .route("/v1/orgs/{org}/grants/{agent}/{secret}", axum::routing::delete(h::remove_grant))
         .route("/v1/orgs/{org}/audit", get(h::query_audit))

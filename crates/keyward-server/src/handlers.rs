@@ -359,6 +359,16 @@ pub struct CreateAgent {
     name: String,
     description: Option<String>,
     ttl: Option<String>,
+    /// Source networks (CIDR) the agent may call from; empty: anywhere.
+    #[serde(default)]
+    allow_from: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateToken {
+    /// How long the old token keeps working (e.g. 1h); default: it stops now.
+    overlap: Option<String>,
 }
 
 pub async fn list_agents(State(s): State<AppState>, Path(org): Path<String>, Admin(p, _): Admin) -> ApiResult {
@@ -372,7 +382,19 @@ pub async fn create_agent(
     ApiJson(req): ApiJson<CreateAgent>,
 ) -> ApiResult {
     let ttl = req.ttl.as_deref().map(parse_duration).transpose().map_err(|m| CoreError::invalid("ttl", m))?;
-    let (agent, token) = s.vault.create_agent(&p, &org, &req.name, req.description, ttl, &meta).await?;
+    let (agent, token) = s.vault.create_agent(&p, &org, &req.name, req.description, ttl, req.allow_from, &meta).await?;
+    created(json!({"agent": agent, "token": token.expose()}))
+}
+
+pub async fn rotate_agent_token(
+    State(s): State<AppState>,
+    Path((org, agent)): Path<(String, String)>,
+    Admin(p, meta): Admin,
+    ApiJson(req): ApiJson<RotateToken>,
+) -> ApiResult {
+    let overlap =
+        req.overlap.as_deref().map(parse_duration).transpose().map_err(|m| CoreError::invalid("overlap", m))?;
+    let (agent, token) = s.vault.rotate_agent_token(&p, &org, &agent, overlap, &meta).await?;
     created(json!({"agent": agent, "token": token.expose()}))
 }
 

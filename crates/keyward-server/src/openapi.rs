@@ -44,6 +44,12 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("get", "/v1/orgs/{org}/agents/{agent}", "Show an agent and its grants", "user"),
     ("post", "/v1/orgs/{org}/agents/{agent}/disable", "Disable an agent (kill switch)", "user"),
     ("post", "/v1/orgs/{org}/agents/{agent}/enable", "Enable an agent", "user"),
+    (
+        "post",
+        "/v1/orgs/{org}/agents/{agent}/token",
+        "Rotate an agent's token ({overlap?}); the new one is returned once",
+        "user",
+    ),
     ("get", "/v1/orgs/{org}/grants", "List grants (?agent=&secret=)", "user"),
     ("post", "/v1/orgs/{org}/grants", "Grant an agent use of a secret", "user"),
     ("delete", "/v1/orgs/{org}/grants/{agent}/{secret}", "Remove a grant", "user"),

@@ -28,6 +28,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../migrations/postgres/0001_init.sql") },
     Migration { version: 2, name: "proxy", sql: include_str!("../migrations/postgres/0002_proxy.sql") },
     Migration { version: 3, name: "lifecycle", sql: include_str!("../migrations/postgres/0003_lifecycle.sql") },
+    Migration { version: 4, name: "agent_sources", sql: include_str!("../migrations/postgres/0004_agent_sources.sql") },
 ];
 
 /// Channel carrying cache invalidations between replicas.
@@ -354,6 +355,13 @@ impl Store for PgStore {
         .await
         .map_err(map_err)?;
         row.as_ref().map(agent_with_token_from).transpose()
+    }
+
+    async fn rotate_agent_token(&self, new: &AgentToken, old_until: OffsetDateTime) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        rotate_agent_tokens(&mut tx, new, old_until).await?;
+        notify(&mut tx).await?;
+        tx.commit().await.map_err(map_err)
     }
 
     async fn put_grant(&self, g: &Grant) -> StoreResult<()> {

@@ -56,6 +56,10 @@ macro_rules! row_mappers {
                 name: r.try_get("name").map_err(corrupt)?,
                 description: r.try_get("description").map_err(corrupt)?,
                 disabled: r.try_get("disabled").map_err(corrupt)?,
+                allow_from: match r.try_get::<Option<String>, _>("allow_from").map_err(corrupt)? {
+                    Some(j) => serde_json::from_str(&j).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    None => Vec::new(),
+                },
                 created_at: from_micros(r.try_get("created_at").map_err(corrupt)?),
             })
         }
@@ -220,8 +224,8 @@ macro_rules! row_writers {
 
         async fn insert_agent(c: &mut $conn, a: &Agent) -> StoreResult<()> {
             sqlx::query(
-                "INSERT INTO agents (id, org_id, name, description, disabled, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO agents (id, org_id, name, description, disabled, created_at, allow_from) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(&a.id)
             .bind(&a.org_id)
@@ -229,6 +233,7 @@ macro_rules! row_writers {
             .bind(&a.description)
             .bind(a.disabled)
             .bind(micros(a.created_at))
+            .bind((!a.allow_from.is_empty()).then(|| serde_json::to_string(&a.allow_from).expect("json")))
             .execute(&mut *c)
             .await
             .map_err(map_err)?;
@@ -317,6 +322,21 @@ macro_rules! row_writers {
             .await
             .map_err(map_err)?;
             Ok(done.rows_affected())
+        }
+
+        /// A new token for an agent; its other live tokens end at `old_until`.
+        async fn rotate_agent_tokens(c: &mut $conn, new: &AgentToken, old_until: OffsetDateTime) -> StoreResult<()> {
+            sqlx::query(
+                "UPDATE agent_tokens SET expires_at = $1 \
+                 WHERE agent_id = $2 AND revoked = FALSE AND (expires_at IS NULL OR expires_at > $3)",
+            )
+            .bind(micros(old_until))
+            .bind(&new.agent_id)
+            .bind(micros(old_until))
+            .execute(&mut *c)
+            .await
+            .map_err(map_err)?;
+            insert_agent_token(c, new).await
         }
 
         /// Inserts, or replaces the grant for the same (agent, secret).

@@ -29,6 +29,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../migrations/sqlite/0001_init.sql") },
     Migration { version: 2, name: "proxy", sql: include_str!("../migrations/sqlite/0002_proxy.sql") },
     Migration { version: 3, name: "lifecycle", sql: include_str!("../migrations/sqlite/0003_lifecycle.sql") },
+    Migration { version: 4, name: "agent_sources", sql: include_str!("../migrations/sqlite/0004_agent_sources.sql") },
 ];
 
 pub struct SqliteStore {
@@ -300,6 +301,12 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?;
         row.as_ref().map(agent_with_token_from).transpose()
+    }
+
+    async fn rotate_agent_token(&self, new: &AgentToken, old_until: OffsetDateTime) -> StoreResult<()> {
+        let mut tx = self.write.begin().await.map_err(map_err)?;
+        rotate_agent_tokens(&mut tx, new, old_until).await?;
+        tx.commit().await.map_err(map_err)
     }
 
     async fn put_grant(&self, g: &Grant) -> StoreResult<()> {

@@ -27,7 +27,8 @@ async fn env(store: Arc<dyn Store>, keep: Box<dyn std::any::Any>) -> Env {
     let init = Vault::initialize(store.clone(), Arc::new(clock.clone()), InitSeal::KeyFile(key)).await.unwrap();
     let vault = Vault::open(store, Arc::new(clock.clone()), Some(copy)).await.unwrap();
     let admin = vault.authenticate_user(init.admin_token.expose(), &RequestMeta::default()).await.unwrap();
-    let (_, token) = vault.create_agent(&admin, "default", "bot", None, None, &RequestMeta::default()).await.unwrap();
+    let (_, token) =
+        vault.create_agent(&admin, "default", "bot", None, None, vec![], &RequestMeta::default()).await.unwrap();
     Env { vault, clock, admin, token: token.expose().to_owned(), _keep: keep }
 }
 
@@ -196,4 +197,43 @@ async fn sqlite_expiry_and_statuses() {
 #[tokio::test]
 async fn postgres_expiry_and_statuses() {
     expiry_and_statuses(postgres().await).await;
+}
+
+async fn agent_tokens(e: Env) {
+    let m = RequestMeta::default();
+    e.put("k", "value-k-123456", None, None).await;
+    // TTL: the token stops at its end.
+    let (_, short) =
+        e.vault.create_agent(&e.admin, "default", "temp", None, Some(Duration::days(30)), vec![], &m).await.unwrap();
+    let modes = Modes { proxy: false, reveal: true };
+    e.vault.add_grant(&e.admin, "default", "temp", "k", modes, None, &m).await.unwrap();
+    let use_as = |t: String| {
+        let vault = e.vault.clone();
+        async move { vault.use_secret(&t, "k", UseMode::Reveal, None, &RequestMeta::default()).await.map(|_| ()) }
+    };
+    assert!(use_as(short.expose().to_owned()).await.is_ok());
+    e.clock.advance(Duration::days(31));
+    assert_eq!(use_as(short.expose().to_owned()).await.unwrap_err().code(), "token_expired");
+
+    // Rotation with an overlap: both tokens work, then only the new one.
+    let (_, new) = e.vault.rotate_agent_token(&e.admin, "default", "bot", Some(Duration::hours(1)), &m).await.unwrap();
+    assert!(use_as(e.token.clone()).await.is_ok(), "the old token works during the overlap");
+    assert!(use_as(new.expose().to_owned()).await.is_ok());
+    e.clock.advance(Duration::minutes(61));
+    assert_eq!(use_as(e.token.clone()).await.unwrap_err().code(), "token_expired");
+    assert!(use_as(new.expose().to_owned()).await.is_ok());
+    // Without an overlap the old token stops at once.
+    let (_, newer) = e.vault.rotate_agent_token(&e.admin, "default", "bot", None, &m).await.unwrap();
+    assert_eq!(use_as(new.expose().to_owned()).await.unwrap_err().code(), "token_expired");
+    assert!(use_as(newer.expose().to_owned()).await.is_ok());
+}
+
+#[tokio::test]
+async fn sqlite_agent_tokens() {
+    agent_tokens(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn postgres_agent_tokens() {
+    agent_tokens(postgres().await).await;
 }

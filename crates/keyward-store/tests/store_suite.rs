@@ -117,6 +117,7 @@ async fn suite(store: Arc<dyn Store>) {
         name: "bot".into(),
         description: None,
         disabled: false,
+        allow_from: vec![],
         created_at: now(),
     };
     let t = AgentToken {
@@ -244,6 +245,7 @@ async fn postgres_changes_reach_other_replicas() {
         name: "a".into(),
         description: None,
         disabled: false,
+        allow_from: vec![],
         created_at: now(),
     };
     let tok = AgentToken {
@@ -306,7 +308,7 @@ async fn concurrent_resolves(store: Arc<dyn Store>) {
         expires_at: None,
     };
     vault.put_secret(&p, "default", new, SecretValue::new(b"the-value".to_vec()).unwrap(), &meta).await.unwrap();
-    let (_, token) = vault.create_agent(&p, "default", "bot", None, None, &meta).await.unwrap();
+    let (_, token) = vault.create_agent(&p, "default", "bot", None, None, vec![], &meta).await.unwrap();
     vault.add_grant(&p, "default", "bot", "k", Modes { proxy: false, reveal: true }, None, &meta).await.unwrap();
 
     let before = store.audit_page(0, 10_000).await.unwrap().len();
