@@ -1188,6 +1188,7 @@ impl Vault {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub async fn create_agent(
         &self,
         p: &Principal,
