@@ -257,6 +257,14 @@ async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
         println!("keyward listening on {url}{}", if sealed { " (sealed: run `keyward unseal`)" } else { "" });
         let _ = std::io::stdout().flush();
     };
+    if let Some(days) = cfg.expiring_window_days {
+        vault.set_expiring_window(time::Duration::days(days.max(0)));
+    }
+    keyward_server::webhooks::start(
+        &vault,
+        cfg.webhooks.clone().unwrap_or_default(),
+        std::time::Duration::from_secs(cfg.notify_interval_secs.unwrap_or(60).max(1)),
+    );
     let idle = std::time::Duration::from_secs(cfg.upstream_timeout.unwrap_or(300).max(1));
     let upstreams =
         keyward_server::proxy::Upstreams::new(cfg.upstream_ca.as_deref(), cfg.resolve.as_deref().unwrap_or(&[]), idle)

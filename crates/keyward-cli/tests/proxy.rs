@@ -524,3 +524,73 @@ async fn websocket_handshake_carries_the_real_key_and_frames_flow_both_ways() {
 
     assert_eq!(t.mock.ws_auth.lock().unwrap().clone(), vec![format!("Bearer {KEY}")]);
 }
+
+/// Webhooks: signed, without values, and a receiver that is down delays
+/// nothing and gets its events once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_signed_carry_no_value_and_survive_a_down_receiver() {
+    use std::sync::{Arc, Mutex};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keyward.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "notify_interval_secs = 1\n[[webhooks]]\nurl = \"http://127.0.0.1:{port}/hook\"\nsecret = \"whsec-test-123\"\n"
+        ),
+    )
+    .unwrap();
+    let serve_args = vec!["--config".to_owned(), config.display().to_string()];
+    let s = Server::start_with(Backend::Sqlite, Opts { serve_args, ..Opts::default() }).await;
+    s.put_secret(None, "soon", "value-soon-999999", &["--expires", "3d"]);
+    s.put_secret(None, "k", "value-k-11111111", &[]);
+    // The receiver is down: rotating must not wait for it.
+    let started = std::time::Instant::now();
+    assert!(s.cli_stdin(&["secret", "rotate", "k"], b"value-k-22222222").status.success());
+    assert!(started.elapsed() < Duration::from_secs(3), "a down receiver delayed the rotation");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Now it comes up and receives what was queued.
+    let got: Arc<Mutex<Vec<(String, String, Vec<u8>)>>> = Arc::default();
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let g = g.clone();
+            async move {
+                let h = |n: &str| headers.get(n).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+                g.lock().unwrap().push((h("keyward-event"), h("keyward-signature"), body.to_vec()));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let events: Vec<String> = got.lock().unwrap().iter().map(|e| e.0.clone()).collect();
+        if events.contains(&"secret.rotated".to_owned()) && events.contains(&"secret.expiring".to_owned()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "webhooks not delivered: {events:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (event, sig, body) in got.lock().unwrap().iter() {
+        let text = String::from_utf8_lossy(body);
+        assert!(!text.contains("value-"), "{event}: a value in a webhook: {text}");
+        let t = sig.strip_prefix("t=").unwrap().split(',').next().unwrap();
+        let expected = keyward_server::webhooks::signature(b"whsec-test-123", t.parse().unwrap(), body);
+        assert_eq!(sig, &expected, "{event}: bad signature");
+        // And independently of keyward's own code: HMAC-SHA256 over "t.body".
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, b"whsec-test-123");
+        let tag = aws_lc_rs::hmac::sign(&key, &[t.as_bytes(), b".", body].concat());
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(sig.ends_with(&hex));
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["event"], event.as_str());
+    }
+    // Daily reminders are not repeated every scan.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let expiring = got.lock().unwrap().iter().filter(|e| e.0 == "secret.expiring").count();
+    assert_eq!(expiring, 1);
+}

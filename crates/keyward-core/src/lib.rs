@@ -12,6 +12,7 @@ pub mod duration;
 pub mod error;
 mod limiter;
 pub mod model;
+pub mod notify;
 pub mod seal;
 pub mod store;
 pub mod token;

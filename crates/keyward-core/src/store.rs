@@ -114,6 +114,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_agents(&self, org_id: &str) -> StoreResult<Vec<Agent>>;
     async fn set_agent_disabled(&self, agent_id: &str, disabled: bool) -> StoreResult<bool>;
     async fn agent_by_token_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<(Agent, AgentToken)>>;
+    /// Live agent tokens that expire before `before`, with their agents.
+    async fn expiring_agent_tokens(&self, before: OffsetDateTime) -> StoreResult<Vec<(Agent, AgentToken)>>;
     /// Adds `new`; the agent's other live tokens expire at `old_until`
     /// (now: at once; later: an overlap for a rolling deployment).
     async fn rotate_agent_token(&self, new: &AgentToken, old_until: OffsetDateTime) -> StoreResult<()>;

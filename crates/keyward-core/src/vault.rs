@@ -227,6 +227,9 @@ pub struct Vault {
     /// that open proxy streams re-check whether they may go on.
     policy_epoch: tokio::sync::watch::Sender<u64>,
     failures: crate::limiter::FailureLimiter,
+    notifier: std::sync::OnceLock<Arc<dyn crate::notify::Notifier>>,
+    /// (subject, event) → day last sent, so daily reminders go once a day.
+    reminded: std::sync::Mutex<std::collections::HashMap<(String, &'static str), i64>>,
 }
 
 fn seal_err(e: SealError) -> CoreError {
@@ -331,6 +334,8 @@ impl Vault {
             uses: Default::default(),
             policy_epoch: tokio::sync::watch::Sender::new(0),
             failures: Default::default(),
+            notifier: std::sync::OnceLock::new(),
+            reminded: Default::default(),
         });
         if let Some(mut changes) = vault.store.watch_changes() {
             let weak = Arc::downgrade(&vault);
@@ -364,6 +369,67 @@ impl Vault {
         master.open(&org.wrapped_key, &data_key_aad(&org.org.id)).map(|_| ()).map_err(|_| {
             CoreError::invalid("master key", "does not match this database (wrong key file or passphrase)")
         })
+    }
+
+    /// Where notifications go (webhooks); set once at start.
+    pub fn set_notifier(&self, n: Arc<dyn crate::notify::Notifier>) {
+        let _ = self.notifier.set(n);
+    }
+
+    fn emit(&self, event: &str, org_id: &str, data: serde_json::Value) {
+        if let Some(n) = self.notifier.get() {
+            n.send(crate::notify::Notification { event: event.into(), org_id: org_id.into(), time: self.now(), data });
+        }
+    }
+
+    /// Emits `event` for `subject` at most once per `every_days` (0: once).
+    fn remind(&self, subject: &str, event: &'static str, every_days: i64, org_id: &str, data: serde_json::Value) {
+        let day = self.now().unix_timestamp() / 86_400;
+        let mut sent = self.reminded.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (subject.to_owned(), event);
+        let due = match sent.get(&key) {
+            None => true,
+            Some(last) => every_days > 0 && day - last >= every_days,
+        };
+        if due {
+            sent.insert(key, day);
+            drop(sent);
+            self.emit(event, org_id, data);
+        }
+    }
+
+    /// Looks at every lifetime and sends what is due: `secret.expiring`
+    /// (daily while in the window), `secret.expired` (once),
+    /// `secret.rotation_overdue` (daily), `agent.token_expiring` (daily).
+    pub async fn scan_lifetimes(&self) -> Result<(), CoreError> {
+        if self.notifier.get().is_none() {
+            return Ok(());
+        }
+        let now = self.now();
+        let window = self.expiring_window();
+        for org in self.store.list_orgs().await? {
+            for secret in self.store.list_secrets(&org.id).await? {
+                let current = self.store.current_version(&secret.id).await?;
+                let status = secret_status(&secret, current.as_ref(), now, window);
+                let data = serde_json::json!({"secret": secret.name, "id": secret.id,
+                    "expires_at": secret.expires_at.map(|t| t.unix_timestamp()),
+                    "version": current.as_ref().map(|v| v.version)});
+                match status {
+                    "expiring" => self.remind(&secret.id, "secret.expiring", 1, &org.id, data),
+                    "expired" => self.remind(&secret.id, "secret.expired", 0, &org.id, data),
+                    "rotation_overdue" => self.remind(&secret.id, "secret.rotation_overdue", 1, &org.id, data),
+                    _ => {}
+                }
+            }
+        }
+        for (agent, token) in self.store.expiring_agent_tokens(now + window).await? {
+            if token.expires_at.is_some_and(|e| e > now) {
+                let data = serde_json::json!({"agent": agent.name, "id": agent.id, "token_id": token.id,
+                    "expires_at": token.expires_at.map(|t| t.unix_timestamp())});
+                self.remind(&token.id, "agent.token_expiring", 1, &agent.org_id, data);
+            }
+        }
+        Ok(())
     }
 
     fn policy_changed(&self) {
@@ -1096,6 +1162,12 @@ impl Vault {
         let v = self.encrypt_version(&secret, next, &value, expires).await?;
         self.store.rotate_secret(&v, now, grace.map(|g| now + g)).await.map_err(dup("version"))?;
         self.policy_changed();
+        self.emit(
+            "secret.rotated",
+            &secret.org_id,
+            serde_json::json!({"secret": secret.name, "id": secret.id, "version": next,
+                "grace_until": grace.map(|g| (now + g).unix_timestamp()), "by": p.name}),
+        );
         self.secret_info_of(secret).await
     }
 

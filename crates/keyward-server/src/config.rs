@@ -26,6 +26,12 @@ pub struct ServeConfig {
     /// Seconds an upstream may stay silent (before its headers, or between
     /// two chunks) before the proxy gives up: 504, or a cut stream.
     pub upstream_timeout: Option<u64>,
+    /// Notification receivers (`[[webhooks]]` tables).
+    pub webhooks: Option<Vec<crate::webhooks::WebhookConfig>>,
+    /// How often lifetimes are scanned for reminders (seconds, default 60).
+    pub notify_interval_secs: Option<u64>,
+    /// How long before expiry a secret counts as `expiring` (days, default 14).
+    pub expiring_window_days: Option<i64>,
     /// `text` (default) or `json`.
     pub log_format: Option<String>,
 }
@@ -59,6 +65,9 @@ impl ServeConfig {
             upstream_ca: self.upstream_ca.or(file.upstream_ca),
             resolve: self.resolve.or(file.resolve),
             upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
+            webhooks: self.webhooks.or(file.webhooks),
+            notify_interval_secs: self.notify_interval_secs.or(file.notify_interval_secs),
+            expiring_window_days: self.expiring_window_days.or(file.expiring_window_days),
             log_format: self.log_format.or(file.log_format),
         }
     }

@@ -12,6 +12,7 @@ pub mod openapi;
 pub mod proxy;
 pub mod serve;
 pub mod tls;
+pub mod webhooks;
 
 pub use config::ServeConfig;
 pub use datadir::{DataDir, InitReport, SealChoice};

@@ -357,6 +357,11 @@ impl Store for PgStore {
         row.as_ref().map(agent_with_token_from).transpose()
     }
 
+    async fn expiring_agent_tokens(&self, before: OffsetDateTime) -> StoreResult<Vec<(Agent, AgentToken)>> {
+        let mut c = self.pool.acquire().await.map_err(map_err)?;
+        expiring_tokens(&mut c, before).await
+    }
+
     async fn rotate_agent_token(&self, new: &AgentToken, old_until: OffsetDateTime) -> StoreResult<()> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         rotate_agent_tokens(&mut tx, new, old_until).await?;

@@ -324,6 +324,20 @@ macro_rules! row_writers {
             Ok(done.rows_affected())
         }
 
+        async fn expiring_tokens(c: &mut $conn, before: OffsetDateTime) -> StoreResult<Vec<(Agent, AgentToken)>> {
+            let rows = sqlx::query(
+                "SELECT a.*, t.id AS t_id, t.hash AS t_hash, t.created_at AS t_created_at, \
+                 t.expires_at AS t_expires_at, t.revoked AS t_revoked \
+                 FROM agent_tokens t JOIN agents a ON a.id = t.agent_id \
+                 WHERE t.revoked = FALSE AND t.expires_at IS NOT NULL AND t.expires_at < $1",
+            )
+            .bind(micros(before))
+            .fetch_all(&mut *c)
+            .await
+            .map_err(map_err)?;
+            rows.iter().map(agent_with_token_from).collect()
+        }
+
         /// A new token for an agent; its other live tokens end at `old_until`.
         async fn rotate_agent_tokens(c: &mut $conn, new: &AgentToken, old_until: OffsetDateTime) -> StoreResult<()> {
             sqlx::query(
