@@ -551,7 +551,8 @@ async fn webhooks_are_signed_carry_no_value_and_survive_a_down_receiver() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // Now it comes up and receives what was queued.
-    let got: Arc<Mutex<Vec<(String, String, Vec<u8>)>>> = Arc::default();
+    type Deliveries = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>; // (event, signature, body)
+    let got: Deliveries = Arc::default();
     let g = got.clone();
     let app = axum::Router::new().route(
         "/hook",
