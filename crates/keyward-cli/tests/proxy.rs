@@ -595,3 +595,41 @@ async fn webhooks_are_signed_carry_no_value_and_survive_a_down_receiver() {
     let expiring = got.lock().unwrap().iter().filter(|e| e.0 == "secret.expiring").count();
     assert_eq!(expiring, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_continuous_load_fails_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let t = setup().await;
+    t.s.grant(None, "bot", "openai", "proxy,reveal", &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let (http, token, stop, ok, failed) =
+            (t.s.http.clone(), t.token.clone(), stop.clone(), ok.clone(), failed.clone());
+        let url = if i % 2 == 0 { t.url("openai", "/v1/models") } else { t.s.url("/v1/resolve/openai") };
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = http.get(&url).bearer_auth(&token).send().await.unwrap();
+                let counter = if r.status() == 200 { &ok } else { &failed };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rotated = t.s.cli_stdin(&["secret", "rotate", "openai", "--grace", "1h"], b"sk-proj-AFTER-ROTATE-123456");
+    assert!(rotated.status.success());
+    // The first request that starts after the command returned uses the new key.
+    let r = t.s.http.get(t.url("openai", "/v1/models?first=after")).bearer_auth(&t.token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let first = t.mock.requests().into_iter().find(|x| x.query.as_deref() == Some("first=after")).unwrap();
+    assert_eq!(first.header("authorization").unwrap(), "Bearer sk-proj-AFTER-ROTATE-123456");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(ok.load(Ordering::Relaxed) > 20, "too little load to mean anything");
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "a rotation must fail no request");
+}
