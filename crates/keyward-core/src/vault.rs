@@ -1180,14 +1180,7 @@ impl Vault {
         reference: &str,
         meta: &RequestMeta,
     ) -> Result<SecretInfo, CoreError> {
-        self.ensure_unsealed()?;
-        let org_rec = self.org_for(p, org).await?;
-        let secret = self.find_secret_in(&org_rec, reference).await?;
-        let draft = AuditDraft {
-            secret_id: Some(secret.id.clone()),
-            ..self.admin_draft("secret.rollback", Some(&secret.name), meta)
-        };
-        self.authorize(p, org, Role::Admin, draft).await?;
+        let secret = self.secret_action(p, org, reference, "secret.rollback", None, meta).await?;
         let restored = self.store.rollback_secret(&secret.id, self.now()).await?;
         self.policy_changed();
         if restored.is_none() {
@@ -1215,6 +1208,29 @@ impl Vault {
         Ok(n)
     }
 
+    /// Finds a secret of `org` and authorises an admin action on it, writing
+    /// the action's audit record first.
+    async fn secret_action(
+        &self,
+        p: &Principal,
+        org: &str,
+        reference: &str,
+        action: &str,
+        version: Option<i64>,
+        meta: &RequestMeta,
+    ) -> Result<Secret, CoreError> {
+        self.ensure_unsealed()?;
+        let org_rec = self.org_for(p, org).await?;
+        let secret = self.find_secret_in(&org_rec, reference).await?;
+        let draft = AuditDraft {
+            secret_id: Some(secret.id.clone()),
+            secret_version: version,
+            ..self.admin_draft(action, Some(&secret.name), meta)
+        };
+        self.authorize(p, org, Role::Admin, draft).await?;
+        Ok(secret)
+    }
+
     pub async fn revoke_secret(
         &self,
         p: &Principal,
@@ -1223,15 +1239,7 @@ impl Vault {
         version: Option<i64>,
         meta: &RequestMeta,
     ) -> Result<SecretInfo, CoreError> {
-        self.ensure_unsealed()?;
-        let org_rec = self.org_for(p, org).await?;
-        let secret = self.find_secret_in(&org_rec, reference).await?;
-        let draft = AuditDraft {
-            secret_id: Some(secret.id.clone()),
-            secret_version: version,
-            ..self.admin_draft("secret.revoke", Some(&secret.name), meta)
-        };
-        self.authorize(p, org, Role::Admin, draft).await?;
+        let secret = self.secret_action(p, org, reference, "secret.revoke", version, meta).await?;
         let changed = self.store.revoke_versions(&secret.id, version, self.now()).await?;
         self.policy_changed();
         if changed == 0 && version.is_some() {
@@ -1247,14 +1255,7 @@ impl Vault {
         reference: &str,
         meta: &RequestMeta,
     ) -> Result<(), CoreError> {
-        self.ensure_unsealed()?;
-        let org_rec = self.org_for(p, org).await?;
-        let secret = self.find_secret_in(&org_rec, reference).await?;
-        let draft = AuditDraft {
-            secret_id: Some(secret.id.clone()),
-            ..self.admin_draft("secret.delete", Some(&secret.name), meta)
-        };
-        self.authorize(p, org, Role::Admin, draft).await?;
+        let secret = self.secret_action(p, org, reference, "secret.delete", None, meta).await?;
         self.store.delete_secret(&secret.id).await?;
         self.policy_changed();
         Ok(())
