@@ -126,6 +126,8 @@ async fn lost_notifications_do_not_leave_stale_grants() {
     a.put_secret(None, "k", "value-1234567", &[]);
     let token = a.agent(None, "bot");
     a.grant(None, "bot", "k", "reveal", &[]);
+    // Let B hear about those changes first, then fill its cache.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(b.resolve(&token, "k").await.0, 200); // cached on B now
 
     // The grant disappears behind keyward's back: no NOTIFY is sent.

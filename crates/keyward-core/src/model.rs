@@ -367,10 +367,16 @@ impl Cidr {
     pub fn parse(s: &str) -> Result<Self, CoreError> {
         let err =
             || CoreError::invalid("allow_from", format!("`{s}` is not a network like 10.0.0.0/8 or 2001:db8::/32"));
-        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
         let addr: std::net::IpAddr = a.parse().map_err(|_| err())?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = if p.is_empty() { max } else { p.parse::<u8>().map_err(|_| err())? };
+        let prefix = match p {
+            None => max,
+            Some(p) => p.parse::<u8>().map_err(|_| err())?,
+        };
         if prefix > max {
             return Err(err());
         }

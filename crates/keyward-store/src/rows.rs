@@ -550,3 +550,6 @@ pub(crate) const TABLE_COUNTS: &[(&str, &str)] = &[
     ("user_tokens", "SELECT COUNT(*) FROM user_tokens"),
     ("audit_events", "SELECT COUNT(*) FROM audit_events"),
 ];
+
+pub(crate) const AUDIT_COLUMNS: &str = "seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, secret_id, \
+     secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, request_id, prev_hash, hash";

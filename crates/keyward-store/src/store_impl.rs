@@ -1,0 +1,402 @@
+//! The one implementation of the Store trait, instantiated for SQLite and
+//! PostgreSQL. The SQL is shared: `$N` placeholders (SQLite numbers them in
+//! order of first appearance) and `CAST(… AS …)` work in both. What differs
+//! is supplied by each backend's inherent methods: `reader()`/`writer()`
+//! pools, `changed(tx)` (PostgreSQL notifies the other replicas),
+//! `lock_audit_tail(tx)` (PostgreSQL serialises appenders across replicas)
+//! and `watch()`.
+
+macro_rules! store_impl {
+    ($ty:ty, $backend:literal) => {
+        #[async_trait::async_trait]
+        impl Store for $ty {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            fn watch_changes(&self) -> Option<tokio::sync::broadcast::Receiver<()>> {
+                self.watch()
+            }
+            async fn get_meta(&self, key: &str) -> StoreResult<Option<String>> {
+                let row = sqlx::query("SELECT value FROM meta WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                row.map(|r| r.try_get("value").map_err(corrupt)).transpose()
+            }
+
+            async fn insert_meta(&self, key: &str, value: &str) -> StoreResult<()> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2)")
+                    .bind(key)
+                    .bind(value)
+                    .execute(&mut *tx).await.map_err(map_err)?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)?;
+                Ok(())
+            }
+
+            async fn create_org(&self, org: &OrgRecord) -> StoreResult<()> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                insert_org(&mut tx, org).await?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)
+            }
+
+            async fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRecord>> {
+                let row = sqlx::query("SELECT * FROM orgs WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                row.as_ref().map(org_from).transpose()
+            }
+
+            async fn org_by_id(&self, id: &str) -> StoreResult<Option<OrgRecord>> {
+                let row = sqlx::query("SELECT * FROM orgs WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                row.as_ref().map(org_from).transpose()
+            }
+
+            async fn list_orgs(&self) -> StoreResult<Vec<Org>> {
+                let rows = sqlx::query("SELECT * FROM orgs ORDER BY name").fetch_all(self.reader()).await.map_err(map_err)?;
+                rows.iter().map(|r| org_from(r).map(|o| o.org)).collect()
+            }
+
+            async fn create_secret(&self, s: &Secret, v: &SecretVersion) -> StoreResult<()> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                insert_secret(&mut tx, s).await?;
+                insert_version(&mut tx, v).await?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)
+            }
+
+            async fn find_secret(&self, org_id: &str, name_or_id: &str) -> StoreResult<Option<Secret>> {
+                let row = sqlx::query("SELECT * FROM secrets WHERE org_id = $1 AND (name = $2 OR id = $3)")
+                    .bind(org_id)
+                    .bind(name_or_id)
+                    .bind(name_or_id)
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                row.as_ref().map(secret_from).transpose()
+            }
+
+            async fn list_secrets(&self, org_id: &str) -> StoreResult<Vec<Secret>> {
+                let rows = sqlx::query("SELECT * FROM secrets WHERE org_id = $1 ORDER BY name")
+                    .bind(org_id)
+                    .fetch_all(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                rows.iter().map(secret_from).collect()
+            }
+
+            async fn current_version(&self, secret_id: &str) -> StoreResult<Option<SecretVersion>> {
+                let row = sqlx::query(
+                    "SELECT * FROM secret_versions WHERE secret_id = $1 AND state = 'current' ORDER BY version DESC LIMIT 1",
+                )
+                .bind(secret_id)
+                .fetch_optional(self.reader())
+                .await
+                .map_err(map_err)?;
+                row.as_ref().map(version_from).transpose()
+            }
+
+            async fn list_versions(&self, secret_id: &str) -> StoreResult<Vec<SecretVersion>> {
+                let rows = sqlx::query("SELECT * FROM secret_versions WHERE secret_id = $1 ORDER BY version")
+                    .bind(secret_id)
+                    .fetch_all(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                rows.iter().map(version_from).collect()
+            }
+
+            async fn rotate_secret(
+                &self,
+                next: &SecretVersion,
+                at: OffsetDateTime,
+                grace_until: Option<OffsetDateTime>,
+            ) -> StoreResult<()> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                rotate_versions(&mut tx, next, at, grace_until).await?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)
+            }
+
+            async fn rollback_secret(&self, secret_id: &str, at: OffsetDateTime) -> StoreResult<Option<i64>> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let v = rollback_versions(&mut tx, secret_id, at).await?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)?;
+                Ok(v)
+            }
+
+            async fn get_version(&self, secret_id: &str, version: i64) -> StoreResult<Option<SecretVersion>> {
+                let row = sqlx::query("SELECT * FROM secret_versions WHERE secret_id = $1 AND version = $2")
+                    .bind(secret_id)
+                    .bind(version)
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                row.as_ref().map(version_from).transpose()
+            }
+
+            async fn expire_grace(&self, now: OffsetDateTime) -> StoreResult<u64> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let n = expire_grace_in(&mut tx, now).await?;
+                if n > 0 {
+                    Self::changed(&mut tx).await?;
+                }
+                tx.commit().await.map_err(map_err)?;
+                Ok(n)
+            }
+
+            async fn revoke_versions(&self, secret_id: &str, version: Option<i64>, at: OffsetDateTime) -> StoreResult<u64> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let done = sqlx::query(
+                    "UPDATE secret_versions SET state = 'revoked', revoked_at = $1 \
+                     WHERE secret_id = $2 AND state <> 'revoked' AND (CAST($3 AS BIGINT) IS NULL OR version = $4)",
+                )
+                .bind(micros(at))
+                .bind(secret_id)
+                .bind(version)
+                .bind(version)
+                .execute(&mut *tx).await.map_err(map_err)?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)?;
+                Ok(done.rows_affected())
+            }
+
+            async fn delete_secret(&self, secret_id: &str) -> StoreResult<bool> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                for sql in ["DELETE FROM grants WHERE secret_id = $1", "DELETE FROM secret_versions WHERE secret_id = $1"] {
+                    sqlx::query(sql).bind(secret_id).execute(&mut *tx).await.map_err(map_err)?;
+                }
+                let done = sqlx::query("DELETE FROM secrets WHERE id = $1")
+                    .bind(secret_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn create_agent(&self, a: &Agent, t: &AgentToken) -> StoreResult<()> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                insert_agent(&mut tx, a).await?;
+                insert_agent_token(&mut tx, t).await?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)
+            }
+
+            async fn find_agent(&self, org_id: &str, name_or_id: &str) -> StoreResult<Option<Agent>> {
+                let row = sqlx::query("SELECT * FROM agents WHERE org_id = $1 AND (name = $2 OR id = $3)")
+                    .bind(org_id)
+                    .bind(name_or_id)
+                    .bind(name_or_id)
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                row.as_ref().map(agent_from).transpose()
+            }
+
+            async fn list_agents(&self, org_id: &str) -> StoreResult<Vec<Agent>> {
+                let rows = sqlx::query("SELECT * FROM agents WHERE org_id = $1 ORDER BY name")
+                    .bind(org_id)
+                    .fetch_all(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                rows.iter().map(agent_from).collect()
+            }
+
+            async fn set_agent_disabled(&self, agent_id: &str, disabled: bool) -> StoreResult<bool> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let done = sqlx::query("UPDATE agents SET disabled = $1 WHERE id = $2")
+                    .bind(disabled)
+                    .bind(agent_id)
+                    .execute(&mut *tx).await.map_err(map_err)?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn agent_by_token_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<(Agent, AgentToken)>> {
+                let row = sqlx::query(
+                    "SELECT a.*, t.id AS t_id, t.hash AS t_hash, t.created_at AS t_created_at, \
+                            t.expires_at AS t_expires_at, t.revoked AS t_revoked \
+                     FROM agent_tokens t JOIN agents a ON a.id = t.agent_id WHERE t.hash = $1",
+                )
+                .bind(&hash[..])
+                .fetch_optional(self.reader())
+                .await
+                .map_err(map_err)?;
+                row.as_ref().map(agent_with_token_from).transpose()
+            }
+
+            async fn expiring_agent_tokens(&self, before: OffsetDateTime) -> StoreResult<Vec<(Agent, AgentToken)>> {
+                let mut c = self.reader().acquire().await.map_err(map_err)?;
+                expiring_tokens(&mut c, before).await
+            }
+
+            async fn rotate_agent_token(&self, new: &AgentToken, old_until: OffsetDateTime) -> StoreResult<()> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                rotate_agent_tokens(&mut tx, new, old_until).await?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)
+            }
+
+            async fn put_grant(&self, g: &Grant) -> StoreResult<()> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                upsert_grant(&mut tx, g).await?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)
+            }
+
+            async fn find_grant(&self, agent_id: &str, secret_id: &str) -> StoreResult<Option<Grant>> {
+                let row = sqlx::query("SELECT * FROM grants WHERE agent_id = $1 AND secret_id = $2")
+                    .bind(agent_id)
+                    .bind(secret_id)
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                row.as_ref().map(grant_from).transpose()
+            }
+
+            async fn list_grants(
+                &self,
+                org_id: &str,
+                agent_id: Option<&str>,
+                secret_id: Option<&str>,
+            ) -> StoreResult<Vec<Grant>> {
+                let rows = sqlx::query(
+                    "SELECT * FROM grants WHERE org_id = $1 AND (CAST($2 AS TEXT) IS NULL OR agent_id = $3) AND (CAST($4 AS TEXT) IS NULL OR secret_id = $5) \
+                     ORDER BY created_at",
+                )
+                .bind(org_id)
+                .bind(agent_id)
+                .bind(agent_id)
+                .bind(secret_id)
+                .bind(secret_id)
+                .fetch_all(self.reader())
+                .await
+                .map_err(map_err)?;
+                rows.iter().map(grant_from).collect()
+            }
+
+            async fn delete_grant(&self, agent_id: &str, secret_id: &str) -> StoreResult<bool> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let done = sqlx::query("DELETE FROM grants WHERE agent_id = $1 AND secret_id = $2")
+                    .bind(agent_id)
+                    .bind(secret_id)
+                    .execute(&mut *tx).await.map_err(map_err)?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn create_user_token(&self, t: &UserToken) -> StoreResult<()> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                insert_user_token(&mut tx, t).await?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)
+            }
+
+            async fn user_token_by_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<UserToken>> {
+                let row = sqlx::query("SELECT * FROM user_tokens WHERE hash = $1")
+                    .bind(&hash[..])
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                row.as_ref().map(user_token_from).transpose()
+            }
+
+            async fn append_audit(&self, batch: &[AuditDraft]) -> StoreResult<Vec<AuditRecord>> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                // Held until commit: one appender at a time (across every replica).
+                Self::lock_audit_tail(&mut tx).await?;
+                let tail = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                let (last_seq, last_hash) = match tail {
+                    Some(r) => (r.try_get("seq").map_err(corrupt)?, hash32(r.try_get("hash").map_err(corrupt)?)?),
+                    None => (0, GENESIS_HASH),
+                };
+                let records = chain_batch(last_seq, last_hash, batch);
+                insert_audit(&mut tx, &records).await?;
+                tx.commit().await.map_err(map_err)?;
+                Ok(records)
+            }
+
+            async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+                let sql = format!(
+                    "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE \
+                     (CAST($1 AS TEXT) IS NULL OR org_id = $1) \
+                     AND (CAST($2 AS TEXT) IS NULL OR secret_id = $2 OR secret_name = $2) \
+                     AND (CAST($3 AS TEXT) IS NULL OR (actor_kind = 'agent' AND (actor_id = $3 OR actor_name = $3))) \
+                     AND (CAST($4 AS TEXT) IS NULL OR action = $4) \
+                     AND (CAST($5 AS TEXT) IS NULL OR outcome = $5) \
+                     AND (CAST($6 AS BIGINT) IS NULL OR time >= $6) \
+                     AND (CAST($7 AS BIGINT) IS NULL OR seq < $7) \
+                     ORDER BY seq DESC LIMIT $8"
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(&q.org_id)
+                    .bind(&q.secret)
+                    .bind(&q.agent)
+                    .bind(&q.action)
+                    .bind(q.outcome.map(Outcome::as_str))
+                    .bind(opt_micros(q.since))
+                    .bind(q.before_seq)
+                    .bind(i64::from(q.limit.max(1)))
+                    .fetch_all(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                rows.iter().map(audit_from).collect()
+            }
+
+            async fn audit_page(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<AuditRecord>> {
+                let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2");
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(after_seq)
+                    .bind(i64::from(limit))
+                    .fetch_all(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                rows.iter().map(audit_from).collect()
+            }
+
+            async fn export_state(&self) -> StoreResult<StateSnapshot> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let s = export_state_from(&mut tx).await?;
+                tx.commit().await.map_err(map_err)?;
+                Ok(s)
+            }
+
+            async fn import_state(&self, snapshot: &StateSnapshot) -> StoreResult<()> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                import_state_into(&mut tx, snapshot).await?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)
+            }
+
+            async fn import_audit(&self, records: &[AuditRecord]) -> StoreResult<()> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                insert_audit(&mut tx, records).await?;
+                tx.commit().await.map_err(map_err)
+            }
+
+            async fn table_counts(&self) -> StoreResult<Vec<(&'static str, i64)>> {
+                let mut c = self.reader().acquire().await.map_err(map_err)?;
+                table_counts(&mut c).await
+            }
+        }
+    };
+}
+
+pub(crate) use store_impl;
