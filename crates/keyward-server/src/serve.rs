@@ -29,7 +29,12 @@ pub async fn run(
         tracing::info!("shutting down: finishing in-flight requests (10 s at most)");
         shutdown.graceful_shutdown(Some(Duration::from_secs(10)));
     });
-    let mut server = axum_server::from_tcp_rustls(listener, RustlsConfig::from_config(tls))?.handle(handle);
+    // TCP_NODELAY: small answers (a resolve, a proxied SSE event) must not
+    // wait for Nagle's algorithm and the peer's delayed ACK (~40 ms).
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(RustlsConfig::from_config(tls))
+        .handshake_timeout(Duration::from_secs(10))
+        .acceptor(axum_server::accept::NoDelayAcceptor::new());
+    let mut server = axum_server::from_tcp(listener)?.acceptor(acceptor).handle(handle);
     server
         .http_builder()
         .http1()

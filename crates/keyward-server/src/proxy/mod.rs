@@ -28,6 +28,9 @@ use crate::error::ApiError;
 use crate::handlers::{AppState, Meta};
 pub use guard::{AddrClass, Lookup, classify};
 
+/// Answers up to this size with a Content-Length are forwarded in one piece.
+const SMALL_ANSWER: u64 = 256 * 1024;
+
 /// Upstream HTTP clients: one that refuses internal addresses, one for
 /// secrets allowed an internal upstream. Both refuse metadata addresses,
 /// follow no redirects and use no system proxy.
@@ -297,6 +300,27 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
             None => v.clone(),
         };
         out_headers.append(name.clone(), v);
+    }
+    // A small answer of known length (most API calls) is read whole,
+    // redacted and sent in one write: no streaming task, no extra writes.
+    let small = resp.content_length().is_some_and(|n| n <= SMALL_ANSWER)
+        && !resp.headers().get(header::CONTENT_TYPE).is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
+    if small {
+        let (status_code, bytes) = match resp.bytes().await {
+            Ok(b) => (status.as_u16(), b),
+            Err(e) => {
+                let err = upstream_error(&e.without_url());
+                outcome.record(err.status.as_u16(), 0, Some(err.code)).await;
+                return Err(err);
+            }
+        };
+        let clean = redactor.redact_all(&bytes).unwrap_or_else(|| bytes.to_vec());
+        let sent = clean.len() as u64;
+        tokio::spawn(outcome.record(status_code, sent, None));
+        let mut response = Response::new(Body::from(clean));
+        *response.status_mut() = status;
+        *response.headers_mut() = out_headers;
+        return Ok(response);
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
     let mut upstream_body = resp.bytes_stream();
