@@ -70,7 +70,7 @@ KW=$TARGET_DIR/release/keyward
 CLK_TCK=$(getconf CLK_TCK)
 LUA=$HERE/post.lua
 MOCK_BODY=$(tr -d '\n' <"$HERE/mock.json")
-REAL_KEY=sk-mock   # what the mock accepts; every proxy must inject it
+REAL_KEY=sk-mock-bench-key   # what the mock accepts; every proxy must inject it
 LITELLM_MASTER=sk-bench
 
 mkdir -p "$OUT"
