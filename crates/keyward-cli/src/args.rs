@@ -173,6 +173,32 @@ pub struct ValueSource {
     pub from_file: Option<PathBuf>,
 }
 
+/// Automated rotation of a secret through a hook named in the server config.
+#[derive(Args, Clone)]
+pub struct AutoRotationArgs {
+    /// Name of a `[[rotation_hooks]]` entry of the server config.
+    #[arg(long)]
+    pub rotation_hook: Option<String>,
+    /// Give the hook the current value on stdin (for provider APIs that
+    /// need it to issue or revoke).
+    #[arg(long, requires = "rotation_hook")]
+    pub hook_gets_value: bool,
+    /// Probe that must answer 2xx with a new value before it becomes
+    /// current, e.g. "GET /v1/models".
+    #[arg(long, requires = "rotation_hook")]
+    pub verify: Option<String>,
+}
+
+impl AutoRotationArgs {
+    /// The API's `auto_rotation` object, or null.
+    pub fn to_json(&self) -> serde_json::Value {
+        match &self.rotation_hook {
+            Some(hook) => serde_json::json!({"hook": hook, "pass_value": self.hook_gets_value, "verify": self.verify}),
+            None => serde_json::Value::Null,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum SecretCmd {
     /// Store a key. The value comes from stdin, --from-file, or a no-echo prompt.
@@ -197,9 +223,12 @@ pub enum SecretCmd {
         /// Date or duration after which every use is denied.
         #[arg(long)]
         expires: Option<String>,
-        /// Rotation policy (e.g. 90d): `secret list` flags it overdue after that.
+        /// Rotation policy (e.g. 90d): `secret list` flags it overdue after
+        /// that; with --rotation-hook the server rotates it by itself.
         #[arg(long)]
         rotate_every: Option<String>,
+        #[command(flatten)]
+        auto: AutoRotationArgs,
         #[arg(long)]
         description: Option<String>,
         #[arg(long = "tag")]
@@ -209,11 +238,17 @@ pub enum SecretCmd {
     List,
     /// Metadata of one secret (never its value).
     Show { name: String },
-    /// Store a new current version (value from stdin, --from-file or prompt).
+    /// Store a new current version (value from stdin, --from-file or
+    /// prompt), or with --auto let the secret's rotation hook issue it.
     Rotate {
         name: String,
         #[command(flatten)]
         source: ValueSource,
+        /// Rotate through the secret's hook: issue, verify, promote, revoke
+        /// the old value at the provider. Any failure before promotion
+        /// leaves the current version as it was.
+        #[arg(long, conflicts_with_all = ["from_file", "grace", "expires"])]
+        auto: bool,
         /// Keep the replaced version usable by reveal-mode consumers this
         /// long (e.g. 1h); default: revoked at once.
         #[arg(long)]
@@ -221,6 +256,16 @@ pub enum SecretCmd {
         /// When the new version expires (date or duration).
         #[arg(long)]
         expires: Option<String>,
+    },
+    /// Replace a secret's rotation policy: interval and automated rotation
+    /// (an option left out is cleared).
+    Policy {
+        name: String,
+        /// e.g. 30d; `secret list` flags the secret overdue after that.
+        #[arg(long)]
+        rotate_every: Option<String>,
+        #[command(flatten)]
+        auto: AutoRotationArgs,
     },
     /// Make the previous version current again (within its grace period).
     Rollback { name: String },

@@ -260,16 +260,23 @@ async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
     if let Some(days) = cfg.expiring_window_days {
         vault.set_expiring_window(time::Duration::days(days.max(0)));
     }
-    keyward_server::webhooks::start(
-        &vault,
-        cfg.webhooks.clone().unwrap_or_default(),
-        std::time::Duration::from_secs(cfg.notify_interval_secs.unwrap_or(60).max(1)),
-    );
+    let notify_every = std::time::Duration::from_secs(cfg.notify_interval_secs.unwrap_or(60).max(1));
+    keyward_server::webhooks::start(&vault, cfg.webhooks.clone().unwrap_or_default(), notify_every);
     let idle = std::time::Duration::from_secs(cfg.upstream_timeout.unwrap_or(300).max(1));
     let upstreams =
         keyward_server::proxy::Upstreams::new(cfg.upstream_ca.as_deref(), cfg.resolve.as_deref().unwrap_or(&[]), idle)
             .map_err(setup)?;
-    keyward_server::serve::run(Arc::clone(&vault), Arc::new(upstreams), cfg.listen(), tls, on_listening)
+    let upstreams = Arc::new(upstreams);
+    let hooks = keyward_server::rotation_hooks::HookRunner::new(
+        cfg.rotation_hooks.clone().unwrap_or_default(),
+        upstreams.clone(),
+    )
+    .map_err(setup)?;
+    vault.set_rotation_driver(Arc::new(hooks));
+    if cfg.auto_rotate.unwrap_or(true) {
+        keyward_server::rotation_hooks::start_schedule(&vault, notify_every);
+    }
+    keyward_server::serve::run(Arc::clone(&vault), upstreams, cfg.listen(), tls, on_listening)
         .await
         .map_err(|e| setup(format!("serving on {}: {e}", cfg.listen())))
 }
@@ -315,6 +322,7 @@ async fn secret(c: &Client, cmd: SecretCmd, json: bool) -> Result<(), CliError> 
             inject,
             expires,
             rotate_every,
+            auto,
             description,
             tags,
         } => {
@@ -322,6 +330,7 @@ async fn secret(c: &Client, cmd: SecretCmd, json: bool) -> Result<(), CliError> 
             let body = json!({
                 "name": name, "value": value.as_str(), "provider": provider, "upstream": upstream,
                 "allow_internal": allow_internal_upstream, "inject": inject, "rotate_every": rotate_every,
+                "auto_rotation": auto.to_json(),
                 "expires": expires, "description": description, "tags": tags,
             });
             let bytes = Zeroizing::new(serde_json::to_vec(&body).expect("json"));
@@ -333,7 +342,35 @@ async fn secret(c: &Client, cmd: SecretCmd, json: bool) -> Result<(), CliError> 
             }
             v
         }
-        SecretCmd::Rotate { name, source, grace, expires } => {
+        SecretCmd::Rotate { name, auto: true, .. } => {
+            let v = c.post(&c.org_path(&format!("/secrets/{}/rotate", seg(&name))), &json!({"auto": true})).await?;
+            if !json {
+                println!(
+                    "rotated {} through its hook: version {} is current, fingerprint {}",
+                    s(&v["name"]),
+                    s(&v["promoted_version"]),
+                    fingerprint(&v)
+                );
+                if let Some(e) = v["revoke_error"].as_str() {
+                    eprintln!("warning: revoking the old value at the provider failed: {e}");
+                }
+                return Ok(());
+            }
+            v
+        }
+        SecretCmd::Policy { name, rotate_every, auto } => {
+            let body = json!({"rotate_every": rotate_every, "auto_rotation": auto.to_json()});
+            let path = c.org_path(&format!("/secrets/{}/policy", seg(&name)));
+            let v = c.call(reqwest::Method::PUT, &path, Some(serde_json::to_vec(&body).expect("json"))).await?;
+            if !json {
+                let hook = v["auto_rotation"]["hook"].as_str().unwrap_or("none");
+                let every = v["rotate_every_secs"].as_i64().map_or("none".into(), |s| format!("{s}s"));
+                println!("policy of {}: rotate every {every}, rotation hook {hook}", s(&v["name"]));
+                return Ok(());
+            }
+            v
+        }
+        SecretCmd::Rotate { name, source, grace, expires, .. } => {
             let value = read_value(source.from_file.as_deref(), &format!("New value for {name} (not echoed): "))?;
             let path = c.org_path(&format!("/secrets/{}/rotate", seg(&name)));
             let v = c.post(&path, &json!({"value": value.as_str(), "grace": grace, "expires": expires})).await?;

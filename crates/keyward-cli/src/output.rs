@@ -46,6 +46,19 @@ pub fn secret_detail(v: &Value) {
     println!("updated:     {}", s(&v["updated_at"]));
     println!("expires:     {}", s(&v["expires_at"]));
     println!("current:     v{}", s(&v["current_version"]));
+    let every = v["rotate_every_secs"].as_i64().map_or("-".to_owned(), |secs| match secs % 86_400 {
+        0 => format!("{}d", secs / 86_400),
+        _ => format!("{secs}s"),
+    });
+    println!("rotate every: {every}");
+    let auto = &v["auto_rotation"];
+    if let Some(hook) = auto["hook"].as_str() {
+        println!(
+            "rotation hook: {hook}  gets value: {}  verify: {}",
+            auto["pass_value"].as_bool().unwrap_or(false),
+            auto["verify"].as_str().unwrap_or("-")
+        );
+    }
     println!("last used:   {}", s(&v["last_used"]));
     println!("versions:");
     for ver in v["versions"].as_array().into_iter().flatten() {

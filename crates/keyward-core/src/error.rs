@@ -16,6 +16,8 @@ pub enum ErrorKind {
     Conflict,
     RateLimited,
     Unavailable,
+    /// Something keyward depends on (a rotation hook, a provider) failed.
+    Dependency,
     Internal,
 }
 
@@ -38,6 +40,8 @@ pub enum CoreError {
     WrongPassphrase,
     #[error("too many failed attempts from this address; slow down")]
     RateLimited,
+    #[error("automated rotation failed at {stage}: {message}; the current version is unchanged")]
+    RotationFailed { stage: &'static str, message: String },
     #[error("the audit trail cannot be written, so the request was refused: {0}")]
     AuditUnavailable(#[source] StoreError),
     #[error("storage failed: {0}")]
@@ -59,6 +63,7 @@ impl CoreError {
             Self::NotFound { .. } => ErrorKind::NotFound,
             Self::Conflict { .. } => ErrorKind::Conflict,
             Self::RateLimited => ErrorKind::RateLimited,
+            Self::RotationFailed { .. } => ErrorKind::Dependency,
             Self::Sealed | Self::AuditUnavailable(_) => ErrorKind::Unavailable,
             Self::Store(StoreError::Unavailable(_)) => ErrorKind::Unavailable,
             Self::Store(_) | Self::Crypto(_) => ErrorKind::Internal,
@@ -76,6 +81,7 @@ impl CoreError {
             Self::Sealed => "sealed",
             Self::WrongPassphrase => "wrong_passphrase",
             Self::RateLimited => "rate_limited",
+            Self::RotationFailed { .. } => "rotation_failed",
             Self::AuditUnavailable(_) => "audit_unavailable",
             Self::Store(StoreError::Unavailable(_)) => "store_unavailable",
             Self::Store(_) => "store_error",

@@ -13,6 +13,7 @@ pub mod error;
 mod limiter;
 pub mod model;
 pub mod notify;
+pub mod rotation;
 pub mod seal;
 pub mod store;
 pub mod token;

@@ -235,6 +235,8 @@ pub struct Secret {
     pub inject: Option<String>,
     /// Rotation policy: the current version should be replaced this often.
     pub rotate_every_secs: Option<i64>,
+    /// Automated rotation through a hook named in the server config.
+    pub auto_rotation: Option<AutoRotation>,
     pub description: Option<String>,
     pub tags: Vec<String>,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -243,6 +245,53 @@ pub struct Secret {
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+/// How a secret rotates by itself: the rotation hook (an executable named in
+/// the server config, never a path an API caller supplies) that issues and
+/// revokes values, whether that hook receives the current value (for
+/// providers whose API needs it), and a probe that must answer 2xx with the
+/// new value before it becomes current.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoRotation {
+    pub hook: String,
+    #[serde(default)]
+    pub pass_value: bool,
+    /// `METHOD /path[?query]`, sent through the proxy's injection and
+    /// network guard to the secret's bound origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<String>,
+}
+
+impl AutoRotation {
+    pub fn validate(&self) -> Result<(), CoreError> {
+        validate_name("rotation hook", &self.hook)?;
+        if let Some(p) = &self.verify {
+            parse_probe(p)?;
+        }
+        Ok(())
+    }
+}
+
+/// Splits a verify probe `METHOD /path` into its method and path.
+pub fn parse_probe(probe: &str) -> Result<(&str, &str), CoreError> {
+    let bad = |m: &str| CoreError::invalid("verify", format!("{m} (expected e.g. `GET /v1/models`)"));
+    let (method, path) = probe.trim().split_once(' ').ok_or_else(|| bad("no path"))?;
+    if !matches!(method, "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") {
+        return Err(bad("unknown method"));
+    }
+    let path = path.trim();
+    if !path.starts_with('/') || path.starts_with("//") || path.len() > 512 {
+        return Err(bad("the path must start with one /"));
+    }
+    if path.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b'#' || b == b'\\') {
+        return Err(bad("the path holds a space, a control character, # or \\"));
+    }
+    if path.split(['/', '?']).any(|seg| seg == ".." || seg == ".") {
+        return Err(bad("the path holds a dot segment"));
+    }
+    Ok((method, path))
 }
 
 /// Where a `generic` secret's value is injected by the proxy.

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::audit::{AuditDraft, AuditRecord, Outcome};
-use crate::model::{Agent, AgentToken, Grant, Org, OrgRecord, Secret, SecretVersion, UserToken};
+use crate::model::{Agent, AgentToken, AutoRotation, Grant, Org, OrgRecord, Secret, SecretVersion, UserToken};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -100,6 +100,21 @@ pub trait Store: Send + Sync + 'static {
     /// one, if the previous is still within its grace period at `at`.
     /// Returns the version made current.
     async fn rollback_secret(&self, secret_id: &str, at: OffsetDateTime) -> StoreResult<Option<i64>>;
+    /// Stores `pending` (state `pending`): kept, never served, until
+    /// [`Store::promote_pending`]. `Duplicate` if its number is taken.
+    async fn add_pending_version(&self, pending: &SecretVersion) -> StoreResult<()>;
+    /// In one transaction: the pending `version` becomes current, the
+    /// current one and any previous or other pending one are revoked.
+    /// `false` (nothing changed) when that version is no longer pending.
+    async fn promote_pending(&self, secret_id: &str, version: i64, at: OffsetDateTime) -> StoreResult<bool>;
+    /// Replaces a secret's rotation policy (interval and automated rotation).
+    async fn set_rotation_policy(
+        &self,
+        secret_id: &str,
+        rotate_every_secs: Option<i64>,
+        auto: Option<&AutoRotation>,
+        at: OffsetDateTime,
+    ) -> StoreResult<bool>;
     async fn get_version(&self, secret_id: &str, version: i64) -> StoreResult<Option<SecretVersion>>;
     /// Revokes previous versions whose grace period ended by `now`.
     async fn expire_grace(&self, now: OffsetDateTime) -> StoreResult<u64>;

@@ -20,6 +20,9 @@ use crate::seal::{Argon2Params, SealConfig, SealError};
 use crate::store::{AuditQuery, Store, StoreError};
 use crate::token::{self, Token, TokenKind};
 
+mod auto_rotate;
+pub use auto_rotate::AutoRotated;
+
 /// Largest value keyward stores.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 const META_SEAL: &str = "seal";
@@ -185,6 +188,7 @@ pub struct NewSecret {
     pub allow_internal: bool,
     pub inject: Option<String>,
     pub rotate_every: Option<time::Duration>,
+    pub auto_rotation: Option<AutoRotation>,
     pub description: Option<String>,
     pub tags: Vec<String>,
     pub expires_at: Option<OffsetDateTime>,
@@ -230,6 +234,17 @@ pub struct Vault {
     notifier: std::sync::OnceLock<Arc<dyn crate::notify::Notifier>>,
     /// (subject, event) → day last sent, so daily reminders go once a day.
     reminded: std::sync::Mutex<std::collections::HashMap<(String, &'static str), i64>>,
+    rotation: RotationState,
+}
+
+/// Automated rotation's process state.
+#[derive(Default)]
+struct RotationState {
+    driver: std::sync::OnceLock<Arc<dyn crate::rotation::RotationDriver>>,
+    /// Secrets being rotated by this process right now.
+    running: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Secret id → earliest retry of a failed scheduled rotation.
+    retry_at: std::sync::Mutex<std::collections::HashMap<String, OffsetDateTime>>,
 }
 
 fn seal_err(e: SealError) -> CoreError {
@@ -336,6 +351,7 @@ impl Vault {
             failures: Default::default(),
             notifier: std::sync::OnceLock::new(),
             reminded: Default::default(),
+            rotation: RotationState::default(),
         });
         if let Some(mut changes) = vault.store.watch_changes() {
             let weak = Arc::downgrade(&vault);
@@ -1051,6 +1067,13 @@ impl Vault {
         if new.expires_at.is_some_and(|e| e <= now) {
             return Err(CoreError::invalid("expires", "is in the past"));
         }
+        if let Some(a) = &new.auto_rotation {
+            a.validate()?;
+            self.driver_for(&a.hook)?;
+            if a.verify.is_some() && upstream.is_none() {
+                return Err(CoreError::invalid("verify", "the secret is bound to no upstream to probe"));
+            }
+        }
         let draft = AuditDraft { secret_version: Some(1), ..self.admin_draft("secret.put", Some(&new.name), meta) };
         let org = self.authorize(p, org, Role::Admin, draft).await?;
         if self.store.find_secret(&org.id, &new.name).await?.is_some() {
@@ -1067,6 +1090,7 @@ impl Vault {
             allow_internal: new.allow_internal,
             inject,
             rotate_every_secs: new.rotate_every.map(|d| d.whole_seconds()),
+            auto_rotation: new.auto_rotation,
             description,
             tags,
             expires_at: new.expires_at,

@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{org}/secrets/{secret}/rotate", post(h::rotate_secret))
         .route("/v1/orgs/{org}/secrets/{secret}/revoke", post(h::revoke_secret))
         .route("/v1/orgs/{org}/secrets/{secret}/rollback", post(h::rollback_secret))
+        .route("/v1/orgs/{org}/secrets/{secret}/policy", axum::routing::put(h::set_policy))
         .route("/metrics", get(h::metrics))
         .route("/v1/orgs/{org}/agents", get(h::list_agents).post(h::create_agent))
         .route("/v1/orgs/{org}/agents/{agent}", get(h::show_agent))

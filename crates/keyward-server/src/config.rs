@@ -28,6 +28,11 @@ pub struct ServeConfig {
     pub upstream_timeout: Option<u64>,
     /// Notification receivers (`[[webhooks]]` tables).
     pub webhooks: Option<Vec<crate::webhooks::WebhookConfig>>,
+    /// Executables that rotate keys at their provider (`[[rotation_hooks]]`).
+    pub rotation_hooks: Option<Vec<crate::rotation_hooks::HookConfig>>,
+    /// Whether this process runs scheduled automated rotations (default
+    /// true; with several replicas, enable it on one).
+    pub auto_rotate: Option<bool>,
     /// How often lifetimes are scanned for reminders (seconds, default 60).
     pub notify_interval_secs: Option<u64>,
     /// How long before expiry a secret counts as `expiring` (days, default 14).
@@ -66,6 +71,8 @@ impl ServeConfig {
             resolve: self.resolve.or(file.resolve),
             upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
             webhooks: self.webhooks.or(file.webhooks),
+            rotation_hooks: self.rotation_hooks.or(file.rotation_hooks),
+            auto_rotate: self.auto_rotate.or(file.auto_rotate),
             notify_interval_secs: self.notify_interval_secs.or(file.notify_interval_secs),
             expiring_window_days: self.expiring_window_days.or(file.expiring_window_days),
             log_format: self.log_format.or(file.log_format),

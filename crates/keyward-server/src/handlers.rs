@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keyward_core::CoreError;
 use keyward_core::duration::{parse_duration, parse_instant};
-use keyward_core::model::{Modes, Role};
+use keyward_core::model::{AutoRotation, Modes, Role};
 use keyward_core::store::AuditQuery;
 use keyward_core::vault::{NewSecret, Principal, RequestMeta, SecretValue, UseMode, Vault};
 use serde::Deserialize;
@@ -252,6 +252,12 @@ pub struct PutSecret {
     expires: Option<String>,
     /// Rotation policy, a duration (`30d`).
     rotate_every: Option<String>,
+    /// Automated rotation through a configured hook.
+    auto_rotation: Option<AutoRotation>,
+}
+
+fn rotate_every(raw: Option<&str>) -> Result<Option<time::Duration>, CoreError> {
+    raw.map(parse_duration).transpose().map_err(|m| CoreError::invalid("rotate_every", m))
 }
 
 pub async fn list_secrets(State(s): State<AppState>, Path(org): Path<String>, Admin(p, _): Admin) -> ApiResult {
@@ -271,12 +277,8 @@ pub async fn put_secret(
         upstream: req.upstream,
         allow_internal: req.allow_internal,
         inject: req.inject,
-        rotate_every: req
-            .rotate_every
-            .as_deref()
-            .map(parse_duration)
-            .transpose()
-            .map_err(|m| CoreError::invalid("rotate_every", m))?,
+        rotate_every: rotate_every(req.rotate_every.as_deref())?,
+        auto_rotation: req.auto_rotation,
         description: req.description,
         tags: req.tags,
         expires_at: instant("expires", req.expires.as_deref(), &s.vault)?,
@@ -304,7 +306,11 @@ pub async fn delete_secret(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotateReq {
-    value: WriteOnly,
+    /// The new value; absent with `auto`.
+    value: Option<WriteOnly>,
+    /// Rotate through the secret's hook instead of taking a value.
+    #[serde(default)]
+    auto: bool,
     /// How long the replaced version stays usable for reveal consumers.
     grace: Option<String>,
     /// When the new version expires (date or duration).
@@ -317,10 +323,37 @@ pub async fn rotate_secret(
     Admin(p, meta): Admin,
     ApiJson(req): ApiJson<RotateReq>,
 ) -> ApiResult {
-    let value = req.value.into_value()?;
+    if req.auto {
+        if req.value.is_some() || req.grace.is_some() || req.expires.is_some() {
+            return Err(
+                CoreError::invalid("auto", "takes no value, grace or expires: the hook issues the value").into()
+            );
+        }
+        return ok(s.vault.auto_rotate(&p, &org, &secret, &meta).await?);
+    }
+    let value = req.value.ok_or_else(|| CoreError::invalid("value", "missing (or set `auto`)"))?.into_value()?;
     let grace = req.grace.as_deref().map(parse_duration).transpose().map_err(|m| CoreError::invalid("grace", m))?;
     let expires = instant("expires", req.expires.as_deref(), &s.vault)?;
     ok(s.vault.rotate_secret(&p, &org, &secret, value, grace, expires, &meta).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyReq {
+    /// Replaces the rotation interval (absent: none).
+    rotate_every: Option<String>,
+    /// Replaces the automated rotation (absent: none).
+    auto_rotation: Option<AutoRotation>,
+}
+
+pub async fn set_policy(
+    State(s): State<AppState>,
+    Path((org, secret)): Path<(String, String)>,
+    Admin(p, meta): Admin,
+    ApiJson(req): ApiJson<PolicyReq>,
+) -> ApiResult {
+    let every = rotate_every(req.rotate_every.as_deref())?;
+    ok(s.vault.set_rotation_policy(&p, &org, &secret, every, req.auto_rotation, &meta).await?)
 }
 
 pub async fn rollback_secret(

@@ -10,6 +10,7 @@ mod error;
 mod handlers;
 pub mod openapi;
 pub mod proxy;
+pub mod rotation_hooks;
 pub mod serve;
 pub mod tls;
 pub mod webhooks;

@@ -30,7 +30,18 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("post", "/v1/orgs/{org}/secrets", "Store a secret (value is write-only)", "user"),
     ("get", "/v1/orgs/{org}/secrets/{secret}", "Show a secret's metadata", "user"),
     ("delete", "/v1/orgs/{org}/secrets/{secret}", "Delete a secret, its versions and grants", "user"),
-    ("post", "/v1/orgs/{org}/secrets/{secret}/rotate", "Add a new current version ({value, grace?, expires?})", "user"),
+    (
+        "post",
+        "/v1/orgs/{org}/secrets/{secret}/rotate",
+        "Add a new current version ({value, grace?, expires?}), or rotate through the secret's hook ({auto: true})",
+        "user",
+    ),
+    (
+        "put",
+        "/v1/orgs/{org}/secrets/{secret}/policy",
+        "Replace the rotation policy ({rotate_every?, auto_rotation?: {hook, pass_value?, verify?}})",
+        "user",
+    ),
     ("post", "/v1/orgs/{org}/secrets/{secret}/revoke", "Revoke one version or all", "user"),
     (
         "post",

@@ -25,6 +25,10 @@ macro_rules! row_mappers {
                 allow_internal: r.try_get("allow_internal").map_err(corrupt)?,
                 inject: r.try_get("inject").map_err(corrupt)?,
                 rotate_every_secs: r.try_get("rotate_every_secs").map_err(corrupt)?,
+                auto_rotation: match r.try_get::<Option<String>, _>("auto_rotation").map_err(corrupt)? {
+                    Some(j) => Some(serde_json::from_str(&j).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+                    None => None,
+                },
                 description: r.try_get("description").map_err(corrupt)?,
                 tags: serde_json::from_str(&tags).map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 expires_at: r.try_get::<Option<i64>, _>("expires_at").map_err(corrupt)?.map(from_micros),
@@ -180,8 +184,8 @@ macro_rules! row_writers {
         async fn insert_secret(c: &mut $conn, s: &Secret) -> StoreResult<()> {
             sqlx::query(
                 "INSERT INTO secrets (id, org_id, name, provider, upstream, description, tags, expires_at, \
-                 created_at, updated_at, allow_internal, inject, rotate_every_secs) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                 created_at, updated_at, allow_internal, inject, rotate_every_secs, auto_rotation) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
             )
             .bind(&s.id)
             .bind(&s.org_id)
@@ -196,6 +200,7 @@ macro_rules! row_writers {
             .bind(s.allow_internal)
             .bind(&s.inject)
             .bind(s.rotate_every_secs)
+            .bind(s.auto_rotation.as_ref().map(|a| serde_json::to_string(a).expect("json")))
             .execute(&mut *c)
             .await
             .map_err(map_err)?;

@@ -29,6 +29,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 2, name: "proxy", sql: include_str!("../migrations/sqlite/0002_proxy.sql") },
     Migration { version: 3, name: "lifecycle", sql: include_str!("../migrations/sqlite/0003_lifecycle.sql") },
     Migration { version: 4, name: "agent_sources", sql: include_str!("../migrations/sqlite/0004_agent_sources.sql") },
+    Migration { version: 5, name: "auto_rotation", sql: include_str!("../migrations/sqlite/0005_auto_rotation.sql") },
 ];
 
 pub struct SqliteStore {

@@ -135,6 +135,75 @@ macro_rules! store_impl {
                 Ok(v)
             }
 
+            async fn add_pending_version(&self, pending: &SecretVersion) -> StoreResult<()> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                insert_version(&mut tx, &SecretVersion { state: VersionState::Pending, ..pending.clone() }).await?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)
+            }
+
+            async fn promote_pending(&self, secret_id: &str, version: i64, at: OffsetDateTime) -> StoreResult<bool> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let state: Option<String> =
+                    sqlx::query_scalar("SELECT state FROM secret_versions WHERE secret_id = $1 AND version = $2")
+                        .bind(secret_id)
+                        .bind(version)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(map_err)?;
+                if state.as_deref() != Some("pending") {
+                    return Ok(false);
+                }
+                sqlx::query(
+                    "UPDATE secret_versions SET state = 'revoked', revoked_at = $1 \
+                     WHERE secret_id = $2 AND version <> $3 AND state IN ('current', 'previous', 'pending')",
+                )
+                .bind(micros(at))
+                .bind(secret_id)
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                sqlx::query("UPDATE secret_versions SET state = 'current' WHERE secret_id = $1 AND version = $2")
+                    .bind(secret_id)
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                sqlx::query("UPDATE secrets SET updated_at = $1 WHERE id = $2")
+                    .bind(micros(at))
+                    .bind(secret_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)?;
+                Ok(true)
+            }
+
+            async fn set_rotation_policy(
+                &self,
+                secret_id: &str,
+                rotate_every_secs: Option<i64>,
+                auto: Option<&AutoRotation>,
+                at: OffsetDateTime,
+            ) -> StoreResult<bool> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let done = sqlx::query(
+                    "UPDATE secrets SET rotate_every_secs = $1, auto_rotation = $2, updated_at = $3 WHERE id = $4",
+                )
+                .bind(rotate_every_secs)
+                .bind(auto.map(|a| serde_json::to_string(a).expect("json")))
+                .bind(micros(at))
+                .bind(secret_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                Self::changed(&mut tx).await?;
+                tx.commit().await.map_err(map_err)?;
+                Ok(done.rows_affected() == 1)
+            }
+
             async fn get_version(&self, secret_id: &str, version: i64) -> StoreResult<Option<SecretVersion>> {
                 let row = sqlx::query("SELECT * FROM secret_versions WHERE secret_id = $1 AND version = $2")
                     .bind(secret_id)

@@ -52,6 +52,7 @@ fn new(name: &str, expires: Option<OffsetDateTime>, rotate_every: Option<Duratio
         allow_internal: false,
         inject: None,
         rotate_every,
+        auto_rotation: None,
         description: None,
         tags: vec![],
         expires_at: expires,
@@ -236,4 +237,133 @@ async fn sqlite_agent_tokens() {
 #[tokio::test]
 async fn postgres_agent_tokens() {
     agent_tokens(postgres().await).await;
+}
+
+/// A provider stand-in for automated rotation: issues `next` (or fails),
+/// accepts or refuses the probe, records what it was asked to revoke.
+#[derive(Default)]
+struct FakeProvider {
+    next: std::sync::Mutex<Vec<Result<String, String>>>,
+    probe_ok: std::sync::atomic::AtomicBool,
+    issued_with: std::sync::Mutex<Vec<Option<String>>>,
+    revoked: std::sync::Mutex<Vec<(i64, Option<String>)>>,
+}
+
+#[async_trait::async_trait]
+impl keyward_core::rotation::RotationDriver for FakeProvider {
+    fn has_hook(&self, name: &str) -> bool {
+        name == "fake"
+    }
+    async fn issue(&self, _: &str, call: &keyward_core::rotation::HookCall<'_>) -> Result<SecretValue, String> {
+        let doc: serde_json::Value = serde_json::from_slice(&call.to_json()).unwrap();
+        self.issued_with.lock().unwrap().push(doc["value"].as_str().map(str::to_owned));
+        let next = self.next.lock().unwrap().remove(0)?;
+        Ok(v(&next))
+    }
+    async fn revoke(&self, _: &str, call: &keyward_core::rotation::HookCall<'_>) -> Result<(), String> {
+        let value = call.value.map(|x| x.expose_str().unwrap().to_owned());
+        self.revoked.lock().unwrap().push((call.version, value));
+        Ok(())
+    }
+    async fn verify(&self, _: &keyward_core::model::Secret, probe: &str, _: &SecretValue) -> Result<(), String> {
+        assert_eq!(probe, "GET /v1/models");
+        if self.probe_ok.load(std::sync::atomic::Ordering::SeqCst) { Ok(()) } else { Err("answered 401".into()) }
+    }
+}
+
+async fn automated_rotation(e: Env) {
+    let fake = Arc::new(FakeProvider::default());
+    fake.probe_ok.store(true, std::sync::atomic::Ordering::SeqCst);
+    e.vault.set_rotation_driver(fake.clone());
+    let m = RequestMeta::default();
+    let auto = keyward_core::model::AutoRotation {
+        hook: "fake".into(),
+        pass_value: true,
+        verify: Some("GET /v1/models".into()),
+    };
+    // A hook the server config does not name is refused.
+    let unknown = keyward_core::model::AutoRotation { hook: "nope".into(), ..auto.clone() };
+    let mut bad = new("k", None, None);
+    bad.provider = Some("openai".into());
+    bad.auto_rotation = Some(unknown);
+    assert_eq!(
+        e.vault.put_secret(&e.admin, "default", bad, v("sk-one-111111"), &m).await.unwrap_err().code(),
+        "invalid_input"
+    );
+    let mut openai = new("k", None, None);
+    openai.provider = Some("openai".into());
+    e.vault.put_secret(&e.admin, "default", openai, v("sk-one-111111"), &m).await.unwrap();
+    let modes = Modes { proxy: true, reveal: true };
+    e.vault.add_grant(&e.admin, "default", "bot", "k", modes, None, &m).await.unwrap();
+    let every = Some(Duration::days(30));
+    e.vault.set_rotation_policy(&e.admin, "default", "k", every, Some(auto), &m).await.unwrap();
+
+    // Success: issue (given the current value) → pending → verify → promote → revoke the old one.
+    fake.next.lock().unwrap().push(Ok("sk-two-222222".into()));
+    let done = e.vault.auto_rotate(&e.admin, "default", "k", &m).await.unwrap();
+    assert_eq!((done.promoted_version, done.revoke_error.clone()), (2, None));
+    assert_eq!(e.reveal("k", None).await.unwrap(), "sk-two-222222");
+    assert_eq!(code(e.reveal("k", Some(1)).await), "version_not_usable", "the old version is revoked");
+    assert_eq!(fake.issued_with.lock().unwrap().last().unwrap().as_deref(), Some("sk-one-111111"));
+    assert_eq!(fake.revoked.lock().unwrap().last().unwrap(), &(1, Some("sk-one-111111".to_owned())));
+
+    // Hook failure and verify failure leave the current version as it was.
+    fake.next.lock().unwrap().push(Err("hook `fake` issue failed (exit status: 1)".into()));
+    let err = e.vault.auto_rotate(&e.admin, "default", "k", &m).await.unwrap_err();
+    assert_eq!(err.code(), "rotation_failed");
+    fake.probe_ok.store(false, std::sync::atomic::Ordering::SeqCst);
+    fake.next.lock().unwrap().push(Ok("sk-bad-333333".into()));
+    let err = e.vault.auto_rotate(&e.admin, "default", "k", &m).await.unwrap_err();
+    assert!(err.to_string().contains("verify"), "{err}");
+    assert_eq!(e.reveal("k", None).await.unwrap(), "sk-two-222222");
+    let info = e.vault.show_secret(&e.admin, "default", "k").await.unwrap();
+    let states: Vec<_> = info.versions.iter().map(|x| (x.version, x.state)).collect();
+    assert_eq!(states, vec![(1, "revoked"), (2, "current"), (3, "revoked")], "the unverified version never served");
+    assert_eq!(fake.revoked.lock().unwrap().len(), 1, "no provider revocation after a failure");
+    // A hook that hands back the current value is refused too.
+    fake.probe_ok.store(true, std::sync::atomic::Ordering::SeqCst);
+    fake.next.lock().unwrap().push(Ok("sk-two-222222".into()));
+    assert_eq!(e.vault.auto_rotate(&e.admin, "default", "k", &m).await.unwrap_err().code(), "rotation_failed");
+
+    // Every step is in the trail, failures included.
+    let q = keyward_core::store::AuditQuery { limit: 100, ..Default::default() };
+    let actions: Vec<String> =
+        e.vault.store().query_audit(&q).await.unwrap().into_iter().map(|r| r.event.action).collect();
+    for a in [
+        "secret.rotate.auto",
+        "secret.rotate.pending",
+        "secret.rotate.promoted",
+        "secret.rotate.revoke_old",
+        "secret.rotate.failed",
+    ] {
+        assert!(actions.iter().any(|x| x == a), "{a} missing from {actions:?}");
+    }
+
+    // The schedule: nothing is due before rotate_every has passed...
+    assert!(e.vault.rotate_due().await.unwrap().is_empty());
+    e.clock.advance(Duration::days(31));
+    fake.next.lock().unwrap().push(Err("provider down".into()));
+    let attempts = e.vault.rotate_due().await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert!(attempts[0].1.is_err());
+    // ...a failed one waits an hour before it is tried again...
+    assert!(e.vault.rotate_due().await.unwrap().is_empty());
+    e.clock.advance(Duration::minutes(61));
+    fake.next.lock().unwrap().push(Ok("sk-four-44444".into()));
+    let attempts = e.vault.rotate_due().await.unwrap();
+    assert_eq!(attempts, vec![("k".to_owned(), Ok(4))]);
+    assert_eq!(e.reveal("k", None).await.unwrap(), "sk-four-44444");
+    // ...and once rotated it is not due again.
+    assert!(e.vault.rotate_due().await.unwrap().is_empty());
+    assert_eq!(e.status("k").await, "ok");
+}
+
+#[tokio::test]
+async fn sqlite_automated_rotation() {
+    automated_rotation(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn postgres_automated_rotation() {
+    automated_rotation(postgres().await).await;
 }

@@ -80,6 +80,7 @@ async fn suite(store: Arc<dyn Store>) {
         allow_internal: false,
         inject: None,
         rotate_every_secs: None,
+        auto_rotation: Some(AutoRotation { hook: "h".into(), pass_value: true, verify: Some("GET /v1/models".into()) }),
         description: Some("d".into()),
         tags: vec!["team:a".into()],
         expires_at: None,
@@ -94,6 +95,7 @@ async fn suite(store: Arc<dyn Store>) {
     let by_id = store.find_secret(&org.id, &s.id).await.unwrap().unwrap();
     assert_eq!((by_name.id.as_str(), by_name.tags.clone()), (s.id.as_str(), vec!["team:a".to_owned()]));
     assert_eq!(by_id.name, "openai");
+    assert_eq!(by_id.auto_rotation, s.auto_rotation, "the rotation policy round-trips");
     assert!(store.find_secret("org_other", "openai").await.unwrap().is_none());
 
     store.rotate_secret(&version(&s.id, 2), now(), None).await.unwrap();
@@ -106,6 +108,20 @@ async fn suite(store: Arc<dyn Store>) {
     // A rotation to an existing version number fails whole: v2 stays current.
     assert!(store.rotate_secret(&version(&s.id, 2), now(), None).await.is_err());
     assert_eq!(store.current_version(&s.id).await.unwrap().unwrap().version, 2);
+    // Pending versions are stored, never current, until promoted whole.
+    store.add_pending_version(&version(&s.id, 3)).await.unwrap();
+    assert_eq!(store.current_version(&s.id).await.unwrap().unwrap().version, 2, "pending is not current");
+    assert_eq!(store.get_version(&s.id, 3).await.unwrap().unwrap().state, VersionState::Pending);
+    assert!(!store.promote_pending(&s.id, 2, now()).await.unwrap(), "only a pending version is promoted");
+    assert!(store.promote_pending(&s.id, 3, now()).await.unwrap());
+    assert_eq!(
+        store.list_versions(&s.id).await.unwrap().iter().map(|v| (v.version, v.state)).collect::<Vec<_>>(),
+        vec![(1, VersionState::Revoked), (2, VersionState::Revoked), (3, VersionState::Current)]
+    );
+    assert!(!store.promote_pending(&s.id, 3, now()).await.unwrap(), "promotion happens once");
+    assert!(store.set_rotation_policy(&s.id, Some(60), None, now()).await.unwrap());
+    let changed = store.find_secret(&org.id, &s.id).await.unwrap().unwrap();
+    assert_eq!((changed.rotate_every_secs, changed.auto_rotation), (Some(60), None));
     assert_eq!(store.revoke_versions(&s.id, Some(1), now()).await.unwrap(), 0, "already revoked");
     assert_eq!(store.revoke_versions(&s.id, None, now()).await.unwrap(), 1);
     assert!(store.current_version(&s.id).await.unwrap().is_none());
@@ -303,6 +319,7 @@ async fn concurrent_resolves(store: Arc<dyn Store>) {
         allow_internal: false,
         inject: None,
         rotate_every: None,
+        auto_rotation: None,
         description: None,
         tags: vec![],
         expires_at: None,

@@ -43,7 +43,13 @@ impl Seen {
 struct MockState {
     seen: Arc<Mutex<Vec<Seen>>>,
     release: Arc<tokio::sync::Notify>,
+    keys: Keys,
 }
+
+/// A provider's key registry, for automated rotation tests: when set,
+/// `POST /admin/keys` issues a key, `DELETE /admin/keys/{key}` revokes it,
+/// and every other request needs `Bearer` + a live key (else 401).
+pub type Keys = Arc<Mutex<Option<std::collections::BTreeSet<String>>>>;
 
 pub struct Mock {
     pub port: u16,
@@ -55,6 +61,7 @@ pub struct Mock {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Lets a streaming answer send its last chunk.
     pub release: Arc<tokio::sync::Notify>,
+    pub keys: Keys,
     handle: axum_server::Handle<std::net::SocketAddr>,
     _dir: tempfile::TempDir,
 }
@@ -70,9 +77,14 @@ impl Mock {
         let dir = tempfile::tempdir().unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct names: a leaf whose subject equals its issuer's looks
+        // self-signed to OpenSSL (curl in the rotation hooks).
+        ca.distinguished_name.push(rcgen::DnType::CommonName, "keyward mock provider CA");
         let ca_key = KeyPair::generate().unwrap();
         let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let leaf = CertificateParams::new(vec!["mock.test".into(), "localhost".into(), "127.0.0.1".into()]).unwrap();
+        let mut leaf =
+            CertificateParams::new(vec!["mock.test".into(), "localhost".into(), "127.0.0.1".into()]).unwrap();
+        leaf.distinguished_name.push(rcgen::DnType::CommonName, "mock.test");
         let leaf_key = KeyPair::generate().unwrap();
         let leaf_cert = leaf.signed_by(&leaf_key, &Issuer::new(ca, ca_key)).unwrap();
         let ca_path = dir.path().join("mock-ca.pem");
@@ -85,7 +97,8 @@ impl Mock {
         .unwrap();
         let ws_auth: Arc<Mutex<Vec<String>>> = Arc::default();
         let ws_port = start_ws_echo(cfg.get_inner(), ws_auth.clone()).await;
-        let state = MockState { seen: Arc::default(), release: Arc::new(tokio::sync::Notify::new()) };
+        let state =
+            MockState { seen: Arc::default(), release: Arc::new(tokio::sync::Notify::new()), keys: Arc::default() };
         let app = axum::Router::new().fallback(answer).with_state(state.clone());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -93,7 +106,17 @@ impl Mock {
         let handle = axum_server::Handle::new();
         let server = axum_server::from_tcp_rustls(listener, cfg).unwrap().handle(handle.clone());
         tokio::spawn(async move { server.serve(app.into_make_service()).await });
-        Mock { port, ws_port, ws_auth, ca: ca_path, seen: state.seen, release: state.release, handle, _dir: dir }
+        Mock {
+            port,
+            ws_port,
+            ws_auth,
+            ca: ca_path,
+            seen: state.seen,
+            release: state.release,
+            keys: state.keys,
+            handle,
+            _dir: dir,
+        }
     }
 
     pub fn origin(&self) -> String {
@@ -102,6 +125,17 @@ impl Mock {
 
     pub fn requests(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Turns the key registry on with one live key, which it returns.
+    pub fn start_key_registry(&self) -> String {
+        let first = issue_key();
+        *self.keys.lock().unwrap() = Some([first.clone()].into());
+        first
+    }
+
+    pub fn live_keys(&self) -> Vec<String> {
+        self.keys.lock().unwrap().clone().unwrap_or_default().into_iter().collect()
     }
 
     pub fn last(&self) -> Seen {
@@ -208,6 +242,34 @@ fn chat_chunk(content: &str) -> String {
     )
 }
 
+fn issue_key() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    format!("sk-mock-issued-{:06}-{}", N.fetch_add(1, Ordering::SeqCst), std::process::id())
+}
+
+/// The key registry's answer, if the registry is on and the request is
+/// for it or lacks a live key.
+fn registry(keys: &Keys, method: &str, path: &str, cred: &str) -> Option<Response> {
+    let mut guard = keys.lock().unwrap();
+    let live = guard.as_mut()?;
+    if method == "POST" && path == "/admin/keys" {
+        let k = issue_key();
+        live.insert(k.clone());
+        return Some(k.into_response());
+    }
+    if let Some(k) = path.strip_prefix("/admin/keys/")
+        && method == "DELETE"
+    {
+        let found = live.remove(k);
+        return Some(if found { StatusCode::NO_CONTENT } else { StatusCode::NOT_FOUND }.into_response());
+    }
+    let ok = cred.strip_prefix("Bearer ").is_some_and(|k| live.contains(k));
+    (!ok).then(|| {
+        (StatusCode::UNAUTHORIZED, json(serde_json::json!({"error": {"message": "invalid key"}}))).into_response()
+    })
+}
+
 async fn answer(State(st): State<MockState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 10 << 20).await.unwrap().to_vec();
@@ -226,6 +288,9 @@ async fn answer(State(st): State<MockState>, req: Request) -> Response {
     };
     st.seen.lock().unwrap().push(seen);
     let cred = credential(&parts.headers, parts.uri.query());
+    if let Some(r) = registry(&st.keys, parts.method.as_str(), parts.uri.path(), &cred) {
+        return r;
+    }
     let streaming = String::from_utf8_lossy(&body).replace(' ', "").contains("\"stream\":true");
     match parts.uri.path() {
         "/v1/chat/completions" if streaming => {

@@ -98,6 +98,43 @@ impl Upstreams {
     }
 }
 
+impl Upstreams {
+    /// Automated rotation's verify probe: `method path` to the secret's
+    /// bound origin with `value` injected as a proxied request would carry
+    /// it, through the same network guard; the answer's status. Errors name
+    /// no value (reqwest's messages can hold the URL, which can hold a
+    /// query-injected key, so they are not passed on).
+    pub async fn probe(
+        &self,
+        secret: &keyward_core::model::Secret,
+        method: &str,
+        path: &str,
+        value: &str,
+    ) -> Result<StatusCode, String> {
+        let origin = checked_origin(secret).map_err(|e| e.message)?;
+        let (path, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
+        let mut headers = HeaderMap::new();
+        let mut query = presets::forward_query(query);
+        presets::inject(&secret.provider, secret.inject.as_deref(), value, &mut headers, &mut query)
+            .map_err(|e| e.message)?;
+        let url = zeroize::Zeroizing::new(if query.is_empty() {
+            format!("{origin}{path}")
+        } else {
+            format!("{origin}{path}?{}", query.join("&"))
+        });
+        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| "invalid method".to_owned())?;
+        let client = if secret.allow_internal { &self.internal } else { &self.strict };
+        let resp = client
+            .request(method, url.as_str())
+            .headers(headers)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| format!("probe failed: {}", upstream_error(&e).message))?;
+        Ok(resp.status())
+    }
+}
+
 /// Splits the raw (still percent-encoded) request path into the secret
 /// reference and the path to forward. Dot segments, encoded slashes or
 /// backslashes and empty segments are refused, not resolved: what is checked
@@ -378,15 +415,9 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     Ok(response)
 }
 
-/// Checks the secret's binding and builds what goes upstream: the URL,
-/// the headers (agent credentials out, real key in) and the redactor.
-fn prepare(
-    released: &keyward_core::vault::Released,
-    parts: &axum::http::request::Parts,
-    path: &str,
-    websocket: bool,
-) -> Result<(String, HeaderMap, redact::Redactor), ApiError> {
-    let secret = &released.secret;
+/// The secret's bound origin, if the network policy lets a key go there
+/// (literal addresses are checked here; names when they resolve).
+fn checked_origin(secret: &keyward_core::model::Secret) -> Result<String, ApiError> {
     let origin = secret.upstream.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::FORBIDDEN,
@@ -416,6 +447,19 @@ fn prepare(
             ));
         }
     }
+    Ok(origin)
+}
+
+/// Checks the secret's binding and builds what goes upstream: the URL,
+/// the headers (agent credentials out, real key in) and the redactor.
+fn prepare(
+    released: &keyward_core::vault::Released,
+    parts: &axum::http::request::Parts,
+    path: &str,
+    websocket: bool,
+) -> Result<(String, HeaderMap, redact::Redactor), ApiError> {
+    let secret = &released.secret;
+    let origin = checked_origin(secret)?;
     let value = released
         .value
         .expose_str()
