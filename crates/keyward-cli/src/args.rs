@@ -378,6 +378,31 @@ pub struct AuditArgs {
 
 #[derive(Subcommand)]
 pub enum AuditCmd {
-    /// Check the hash chain; names the first broken sequence number.
-    Verify,
+    /// Check the hash chain and every signed checkpoint; names the first
+    /// broken sequence number. With --file and --pubkey, checks an export
+    /// offline, without a server.
+    Verify {
+        /// An export written by `keyward audit export`.
+        #[arg(long, requires = "pubkey")]
+        file: Option<PathBuf>,
+        /// The PEM public key from `keyward audit pubkey`, kept apart from the server.
+        #[arg(long, requires = "file")]
+        pubkey: Option<PathBuf>,
+    },
+    /// The Ed25519 public key that signs checkpoints (PEM).
+    Pubkey,
+    /// The whole chain and its signed checkpoints (operator token).
+    Export {
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        /// Write here instead of stdout (created 0600).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ExportFormat {
+    /// JSON lines: checkpoints first, then events in sequence order.
+    Jsonl,
 }

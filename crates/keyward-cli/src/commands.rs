@@ -96,6 +96,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Secret(cmd) => secret(&Client::new(&conn)?, cmd, json).await,
         Command::Agent(cmd) => agent(&Client::new(&conn)?, cmd, json).await,
         Command::Grant(cmd) => grant(&Client::new(&conn)?, cmd, json).await,
+        Command::Audit(AuditArgs {
+            command: Some(AuditCmd::Verify { file: Some(file), pubkey: Some(key) }), ..
+        }) => verify_export_offline(&file, &key, json),
         Command::Audit(a) => audit(&Client::new(&conn)?, a, json).await,
         Command::Backup { file, database } => {
             let cfg = server_config(&conn, &ServerOpts { database, ..ServerOpts::default() })?;
@@ -262,6 +265,7 @@ async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
     }
     let notify_every = std::time::Duration::from_secs(cfg.notify_interval_secs.unwrap_or(60).max(1));
     keyward_server::webhooks::start(&vault, cfg.webhooks.clone().unwrap_or_default(), notify_every);
+    keyward_server::checkpointer::start(&vault, cfg.checkpoint_policy());
     let idle = std::time::Duration::from_secs(cfg.upstream_timeout.unwrap_or(300).max(1));
     let upstreams =
         keyward_server::proxy::Upstreams::new(cfg.upstream_ca.as_deref(), cfg.resolve.as_deref().unwrap_or(&[]), idle)
@@ -719,19 +723,93 @@ async fn grant(c: &Client, cmd: GrantCmd, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn audit(c: &Client, a: AuditArgs, json: bool) -> Result<(), CliError> {
-    if let Some(AuditCmd::Verify) = a.command {
-        let v = c.get(&c.org_path("/audit/verify")).await?;
-        if json {
-            print_json(&v);
+/// Prints a verification report; a broken trail is an error (exit code 4).
+fn verify_outcome(v: &Value, json: bool) -> Result<(), CliError> {
+    if json {
+        print_json(v);
+    }
+    if v["ok"].as_bool() == Some(true) {
+        if !json {
+            println!(
+                "audit trail verified: {} events, head {}; {} signed checkpoints hold (last at {}); {} events after it are not yet signed",
+                s(&v["events"]),
+                s(&v["head_hash"]),
+                s(&v["checkpoints_verified"]),
+                s(&v["last_checkpoint_seq"]),
+                s(&v["unsigned_tail"])
+            );
         }
-        if v["ok"].as_bool() == Some(true) {
-            if !json {
-                println!("audit trail verified: {} events, head {}", s(&v["events"]), s(&v["head_hash"]));
-            }
+        return Ok(());
+    }
+    Err(CliError::AuditBroken { seq: v["broken_at"].as_i64().unwrap_or(-1), problem: s(&v["problem"]) })
+}
+
+fn verify_export_offline(file: &std::path::Path, pubkey: &std::path::Path, json: bool) -> Result<(), CliError> {
+    let pem = std::fs::read_to_string(pubkey).map_err(|e| setup(format!("{}: {e}", pubkey.display())))?;
+    let key =
+        keyward_core::checkpoint::public_key_from_pem(&pem).map_err(|e| setup(format!("{}: {e}", pubkey.display())))?;
+    let f = std::fs::File::open(file).map_err(|e| setup(format!("{}: {e}", file.display())))?;
+    let report = keyward_core::checkpoint::verify_export(std::io::BufReader::new(f), key)
+        .map_err(|e| CliError::AuditBroken { seq: -1, problem: e })?;
+    verify_outcome(&serde_json::to_value(&report).expect("json"), json)
+}
+
+/// Checkpoints first, then every event: checkpoints read before the events
+/// only cover events that the export then contains.
+async fn export_audit(c: &Client, output: Option<&std::path::Path>) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut out: Box<dyn Write> = match output {
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| setup(format!("{}: {e}", path.display())))?;
+            Box::new(std::io::BufWriter::new(f))
+        }
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let io = |e: std::io::Error| setup(format!("writing the export: {e}"));
+    let cps = c.get("/v1/audit/checkpoints").await?;
+    for cp in cps["checkpoints"].as_array().into_iter().flatten() {
+        let cp: keyward_core::checkpoint::Checkpoint =
+            serde_json::from_value(cp.clone()).map_err(|e| setup(format!("server sent a bad checkpoint: {e}")))?;
+        writeln!(out, "{}", keyward_core::checkpoint::export_line_checkpoint(&cp)).map_err(io)?;
+    }
+    let mut after = 0;
+    loop {
+        let page = c.get(&format!("/v1/audit/export?after={after}&limit=2000")).await?;
+        let events = page["events"].as_array().cloned().unwrap_or_default();
+        for e in &events {
+            let r: keyward_core::audit::AuditRecord =
+                serde_json::from_value(e.clone()).map_err(|e| setup(format!("server sent a bad event: {e}")))?;
+            writeln!(out, "{}", keyward_core::checkpoint::export_line_event(&r)).map_err(io)?;
+        }
+        match page["next_after"].as_i64() {
+            Some(n) if !events.is_empty() => after = n,
+            _ => break,
+        }
+    }
+    out.flush().map_err(io)
+}
+
+async fn audit(c: &Client, a: AuditArgs, json: bool) -> Result<(), CliError> {
+    match a.command {
+        Some(AuditCmd::Verify { .. }) => {
+            let v = c.get(&c.org_path("/audit/verify")).await?;
+            return verify_outcome(&v, json);
+        }
+        Some(AuditCmd::Pubkey) => {
+            let v = c.get(&c.org_path("/audit/pubkey")).await?;
+            print!("{}", s(&v["public_key_pem"]));
             return Ok(());
         }
-        return Err(CliError::AuditBroken { seq: v["broken_at"].as_i64().unwrap_or(-1), problem: s(&v["problem"]) });
+        Some(AuditCmd::Export { format: ExportFormat::Jsonl, output }) => {
+            return export_audit(c, output.as_deref()).await;
+        }
+        None => {}
     }
     let mut q = vec![format!("limit={}", a.limit)];
     for (k, val) in [

@@ -4,16 +4,20 @@
 //! fields and the previous event's hash, so changing, removing or reordering
 //! any stored event breaks verification from that sequence number on.
 
-use serde::Serialize;
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
+
+use crate::checkpoint::Checkpoint;
 
 pub const GENESIS_HASH: [u8; 32] = [0u8; 32];
 const DOMAIN: &[u8] = b"keyward-audit-v1";
 /// Agent-controlled strings (purpose, user agent) are cut to this many bytes.
 pub const MAX_FREE_TEXT: usize = 256;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Allowed,
@@ -40,7 +44,7 @@ impl Outcome {
 }
 
 /// Who acted. `token_id` names the credential used, never the credential.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Actor {
     /// `agent`, `user`, `anonymous` or `system`.
     pub kind: String,
@@ -59,7 +63,7 @@ impl Actor {
 }
 
 /// An event before it has a place in the chain.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AuditDraft {
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
@@ -78,19 +82,38 @@ pub struct AuditDraft {
 }
 
 /// An event in the chain.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AuditRecord {
     pub seq: i64,
     #[serde(flatten)]
     pub event: AuditDraft,
-    #[serde(serialize_with = "hex32")]
+    #[serde(serialize_with = "hex32", deserialize_with = "de_hex32")]
     pub prev_hash: [u8; 32],
-    #[serde(serialize_with = "hex32")]
+    #[serde(serialize_with = "hex32", deserialize_with = "de_hex32")]
     pub hash: [u8; 32],
 }
 
 fn hex32<S: serde::Serializer>(h: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&to_hex(h))
+}
+
+fn de_hex32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+    let s = String::deserialize(d)?;
+    from_hex32(&s).ok_or_else(|| serde::de::Error::custom("expected 64 hex digits"))
+}
+
+/// Parses 64 hex digits.
+pub fn from_hex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks(2).enumerate() {
+        let hex = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(out)
 }
 
 pub fn to_hex(bytes: &[u8]) -> String {
@@ -199,23 +222,55 @@ pub struct VerifyReport {
     /// First sequence number at which the chain does not hold.
     pub broken_at: Option<i64>,
     pub problem: Option<String>,
+    /// Signed checkpoints whose signature and hash matched.
+    pub checkpoints_verified: u64,
+    pub last_checkpoint_seq: Option<i64>,
+    /// Events after the last checkpoint: the window in which the tail could
+    /// still be dropped or rewritten without the signing key noticing.
+    pub unsigned_tail: i64,
 }
 
-/// Incremental verifier, fed records in sequence order page by page.
+/// Incremental verifier, fed records in sequence order page by page; with
+/// [`ChainVerifier::with_checkpoints`] it also checks every signed
+/// checkpoint against the chain.
 pub struct ChainVerifier {
     expected_seq: i64,
     prev: [u8; 32],
     events: u64,
     failure: Option<(i64, String)>,
+    public_key: Option<[u8; 32]>,
+    /// Not yet reached, in sequence order.
+    checkpoints: VecDeque<Checkpoint>,
+    checkpoints_verified: u64,
+    last_checkpoint_seq: Option<i64>,
 }
 
 impl Default for ChainVerifier {
     fn default() -> Self {
-        Self { expected_seq: 1, prev: GENESIS_HASH, events: 0, failure: None }
+        Self {
+            expected_seq: 1,
+            prev: GENESIS_HASH,
+            events: 0,
+            failure: None,
+            public_key: None,
+            checkpoints: VecDeque::new(),
+            checkpoints_verified: 0,
+            last_checkpoint_seq: None,
+        }
     }
 }
 
 impl ChainVerifier {
+    pub fn with_checkpoints(public_key: [u8; 32], mut checkpoints: Vec<Checkpoint>) -> Self {
+        checkpoints.sort_by_key(|c| c.seq);
+        Self { public_key: Some(public_key), checkpoints: checkpoints.into(), ..Self::default() }
+    }
+
+    fn fail(&mut self, seq: i64, problem: String) -> bool {
+        self.failure = Some((seq, problem));
+        false
+    }
+
     /// Returns false once the chain is broken (no need to feed more).
     pub fn feed(&mut self, r: &AuditRecord) -> bool {
         if self.failure.is_some() {
@@ -224,15 +279,31 @@ impl ChainVerifier {
         let problem = if r.seq != self.expected_seq {
             Some(format!("expected sequence {}, found {} (event missing or reordered)", self.expected_seq, r.seq))
         } else if r.prev_hash != self.prev {
-            Some("previous-hash link does not match the preceding event".to_owned())
+            Some("previous-hash link does not match the preceding event (removed, inserted or reordered)".to_owned())
         } else if link(&self.prev, r.seq, &r.event) != r.hash {
             Some("event content does not match its hash (modified)".to_owned())
         } else {
             None
         };
         if let Some(p) = problem {
-            self.failure = Some((self.expected_seq.min(r.seq), p));
-            return false;
+            return self.fail(self.expected_seq.min(r.seq), p);
+        }
+        while self.checkpoints.front().is_some_and(|c| c.seq <= r.seq) {
+            let cp = self.checkpoints.pop_front().expect("checked");
+            if !self.public_key.is_some_and(|k| cp.verify(&k)) {
+                return self.fail(
+                    cp.seq,
+                    format!("the checkpoint at sequence {} has an invalid signature (forged or altered)", cp.seq),
+                );
+            }
+            if cp.hash != r.hash || cp.seq != r.seq {
+                return self.fail(
+                    cp.seq.min(r.seq),
+                    format!("the events up to sequence {} do not match their signed checkpoint (rewritten)", cp.seq),
+                );
+            }
+            self.checkpoints_verified += 1;
+            self.last_checkpoint_seq = Some(cp.seq);
         }
         self.prev = r.hash;
         self.expected_seq += 1;
@@ -240,7 +311,21 @@ impl ChainVerifier {
         true
     }
 
-    pub fn finish(self) -> VerifyReport {
+    pub fn finish(mut self) -> VerifyReport {
+        let last_seq = self.expected_seq - 1;
+        if self.failure.is_none()
+            && let Some(cp) = self.checkpoints.pop_front()
+        {
+            let problem = if self.public_key.is_some_and(|k| cp.verify(&k)) {
+                format!(
+                    "the trail ends at sequence {last_seq} but a signed checkpoint covers up to {}: events were removed from its end (truncated)",
+                    cp.seq
+                )
+            } else {
+                format!("the checkpoint at sequence {} has an invalid signature (forged or altered)", cp.seq)
+            };
+            self.failure = Some((last_seq + 1, problem));
+        }
         let (broken_at, problem) = match self.failure {
             Some((s, p)) => (Some(s), Some(p)),
             None => (None, None),
@@ -248,10 +333,13 @@ impl ChainVerifier {
         VerifyReport {
             ok: broken_at.is_none(),
             events: self.events,
-            last_seq: self.expected_seq - 1,
+            last_seq,
             head_hash: self.prev,
             broken_at,
             problem,
+            checkpoints_verified: self.checkpoints_verified,
+            last_checkpoint_seq: self.last_checkpoint_seq,
+            unsigned_tail: last_seq - self.last_checkpoint_seq.unwrap_or(0),
         }
     }
 }
@@ -306,6 +394,70 @@ mod tests {
         let mut reordered = chain.clone();
         reordered.swap(3, 4);
         assert_eq!(verify(&reordered).broken_at, Some(4));
+    }
+
+    fn verify_signed(rs: &[AuditRecord], key: [u8; 32], cps: &[Checkpoint]) -> VerifyReport {
+        let mut v = ChainVerifier::with_checkpoints(key, cps.to_vec());
+        for r in rs {
+            if !v.feed(r) {
+                break;
+            }
+        }
+        v.finish()
+    }
+
+    #[test]
+    fn checkpoints_catch_rewrites_truncation_and_forgery() {
+        use crate::checkpoint::CheckpointSigner;
+        let (signer, _) = CheckpointSigner::generate().unwrap();
+        let key = signer.public_key();
+        let drafts: Vec<_> = (0..10).map(|i| draft(&format!("a{i}"))).collect();
+        let chain = chain_batch(0, GENESIS_HASH, &drafts);
+        let now = OffsetDateTime::now_utc();
+        let cps = vec![signer.sign(4, chain[3].hash, now), signer.sign(8, chain[7].hash, now)];
+
+        let clean = verify_signed(&chain, key, &cps);
+        assert!(clean.ok, "{clean:?}");
+        assert_eq!((clean.checkpoints_verified, clean.last_checkpoint_seq, clean.unsigned_tail), (2, Some(8), 2));
+
+        // Someone without the key rewrites event 3 and recomputes every hash
+        // after it: the chain alone holds, the checkpoint does not.
+        let mut forged_drafts = drafts.clone();
+        forged_drafts[2].outcome = Outcome::Denied;
+        let forged = chain_batch(0, GENESIS_HASH, &forged_drafts);
+        assert!(verify(&forged).ok, "a recomputed chain is self-consistent");
+        let r = verify_signed(&forged, key, &cps);
+        assert_eq!(r.broken_at, Some(4));
+        assert!(r.problem.unwrap().contains("rewritten"));
+
+        // Dropping the tail back past a checkpoint is seen; within the
+        // unsigned window (after the last checkpoint) it is not.
+        let r = verify_signed(&chain[..6], key, &cps);
+        assert_eq!(r.broken_at, Some(7));
+        assert!(r.problem.unwrap().contains("truncated"));
+        assert!(verify_signed(&chain[..8], key, &cps).ok);
+
+        // A checkpoint signed by another key, or altered, is refused.
+        let (other, _) = CheckpointSigner::generate().unwrap();
+        let fake = vec![other.sign(4, chain[3].hash, now)];
+        assert!(verify_signed(&chain, key, &fake).problem.unwrap().contains("invalid signature"));
+        let altered = vec![Checkpoint { seq: 5, ..cps[0].clone() }];
+        assert!(!verify_signed(&chain, key, &altered).ok);
+
+        // Modified, deleted and reordered events still fail as before.
+        let mut modified = chain.clone();
+        modified[5].event.reason = Some("x".into());
+        assert_eq!(verify_signed(&modified, key, &cps).broken_at, Some(6));
+        let mut deleted = chain.clone();
+        deleted.remove(2);
+        assert_eq!(verify_signed(&deleted, key, &cps).broken_at, Some(3));
+        let mut reordered = chain.clone();
+        reordered.swap(5, 6);
+        assert_eq!(verify_signed(&reordered, key, &cps).broken_at, Some(6));
+
+        // Records survive a JSON round trip (the export format).
+        let line = serde_json::to_string(&chain[1]).unwrap();
+        assert_eq!(serde_json::from_str::<AuditRecord>(&line).unwrap(), chain[1]);
     }
 
     #[test]

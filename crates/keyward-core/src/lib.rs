@@ -6,6 +6,7 @@
 pub mod audit;
 mod audit_writer;
 mod cache;
+pub mod checkpoint;
 pub mod clock;
 pub mod crypto;
 pub mod duration;

@@ -160,6 +160,14 @@ pub trait Store: Send + Sync + 'static {
     /// Events with `seq > after_seq` in ascending order, for verification.
     async fn audit_page(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<AuditRecord>>;
 
+    /// The chain's last (sequence, hash); `(0, GENESIS_HASH)` when empty.
+    async fn audit_tail(&self) -> StoreResult<(i64, [u8; 32])>;
+    /// Stores a signed checkpoint; `false` if one exists at that sequence
+    /// (another replica signed it first).
+    async fn add_checkpoint(&self, cp: &crate::checkpoint::Checkpoint) -> StoreResult<bool>;
+    /// Every checkpoint, in sequence order.
+    async fn list_checkpoints(&self) -> StoreResult<Vec<crate::checkpoint::Checkpoint>>;
+
     // Moving data between stores.
     /// Every table but the audit trail, read in one transaction.
     async fn export_state(&self) -> StoreResult<StateSnapshot>;

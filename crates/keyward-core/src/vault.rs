@@ -21,7 +21,9 @@ use crate::store::{AuditQuery, Store, StoreError};
 use crate::token::{self, Token, TokenKind};
 
 mod auto_rotate;
+mod checkpoints;
 pub use auto_rotate::AutoRotated;
+pub use checkpoints::{AuditExportPage, CheckpointPolicy};
 
 /// Largest value keyward stores.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
@@ -235,6 +237,8 @@ pub struct Vault {
     /// (subject, event) → day last sent, so daily reminders go once a day.
     reminded: std::sync::Mutex<std::collections::HashMap<(String, &'static str), i64>>,
     rotation: RotationState,
+    /// The audit checkpoint key, once loaded with the master key.
+    signer: RwLock<Option<Arc<crate::checkpoint::CheckpointSigner>>>,
 }
 
 /// Automated rotation's process state.
@@ -352,6 +356,7 @@ impl Vault {
             notifier: std::sync::OnceLock::new(),
             reminded: Default::default(),
             rotation: RotationState::default(),
+            signer: RwLock::new(None),
         });
         if let Some(mut changes) = vault.store.watch_changes() {
             let weak = Arc::downgrade(&vault);
@@ -1490,23 +1495,6 @@ impl Vault {
         q.org_id = Some(org.id);
         q.limit = q.limit.clamp(1, 1000);
         Ok(self.store.query_audit(&q).await?)
-    }
-
-    /// Walks the whole chain (every org: there is one chain per instance).
-    pub async fn verify_audit(&self, p: &Principal, org: &str) -> Result<VerifyReport, CoreError> {
-        self.ensure_unsealed()?;
-        self.org_for(p, org).await?;
-        let mut v = ChainVerifier::default();
-        let mut after = 0;
-        loop {
-            let page = self.store.audit_page(after, 2000).await?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            if !page.iter().all(|r| v.feed(r)) {
-                break;
-            }
-        }
-        Ok(v.finish())
     }
 }
 

@@ -33,6 +33,10 @@ pub struct ServeConfig {
     /// Whether this process runs scheduled automated rotations (default
     /// true; with several replicas, enable it on one).
     pub auto_rotate: Option<bool>,
+    /// Sign an audit checkpoint after this many events (default 1000)...
+    pub audit_checkpoint_events: Option<i64>,
+    /// ...or this many seconds after the last one, if events came since (default 60).
+    pub audit_checkpoint_secs: Option<u64>,
     /// How often lifetimes are scanned for reminders (seconds, default 60).
     pub notify_interval_secs: Option<u64>,
     /// How long before expiry a secret counts as `expiring` (days, default 14).
@@ -73,6 +77,8 @@ impl ServeConfig {
             webhooks: self.webhooks.or(file.webhooks),
             rotation_hooks: self.rotation_hooks.or(file.rotation_hooks),
             auto_rotate: self.auto_rotate.or(file.auto_rotate),
+            audit_checkpoint_events: self.audit_checkpoint_events.or(file.audit_checkpoint_events),
+            audit_checkpoint_secs: self.audit_checkpoint_secs.or(file.audit_checkpoint_secs),
             notify_interval_secs: self.notify_interval_secs.or(file.notify_interval_secs),
             expiring_window_days: self.expiring_window_days.or(file.expiring_window_days),
             log_format: self.log_format.or(file.log_format),
@@ -89,6 +95,14 @@ impl ServeConfig {
 
     pub fn database_url(&self) -> String {
         self.database.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir().join("keyward.db").display()))
+    }
+
+    pub fn checkpoint_policy(&self) -> keyward_core::vault::CheckpointPolicy {
+        let d = keyward_core::vault::CheckpointPolicy::default();
+        keyward_core::vault::CheckpointPolicy {
+            every_events: self.audit_checkpoint_events.unwrap_or(d.every_events).max(1),
+            every: self.audit_checkpoint_secs.map_or(d.every, |s| time::Duration::seconds(s.max(1) as i64)),
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

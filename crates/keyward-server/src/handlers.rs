@@ -559,3 +559,28 @@ pub async fn query_audit(
 pub async fn verify_audit(State(s): State<AppState>, Path(org): Path<String>, Admin(p, _): Admin) -> ApiResult {
     ok(s.vault.verify_audit(&p, &org).await?)
 }
+
+pub async fn audit_pubkey(State(s): State<AppState>, Path(org): Path<String>, Admin(p, _): Admin) -> ApiResult {
+    let key = s.vault.audit_public_key(&p, &org).await?;
+    ok(json!({"algorithm": "ed25519", "public_key_pem": keyward_core::checkpoint::public_key_pem(&key)}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportQuery {
+    #[serde(default)]
+    after: i64,
+    limit: Option<u32>,
+}
+
+pub async fn export_audit(
+    State(s): State<AppState>,
+    Admin(p, _): Admin,
+    ApiQuery(q): ApiQuery<ExportQuery>,
+) -> ApiResult {
+    ok(s.vault.export_audit(&p, q.after, q.limit.unwrap_or(1000)).await?)
+}
+
+pub async fn audit_checkpoints(State(s): State<AppState>, Admin(p, _): Admin) -> ApiResult {
+    ok(json!({"checkpoints": s.vault.export_checkpoints(&p).await?}))
+}

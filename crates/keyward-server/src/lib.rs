@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod checkpointer;
 pub mod config;
 pub mod datadir;
 mod error;

@@ -70,7 +70,10 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
         "Query the audit trail (?secret=&agent=&action=&outcome=&since=&before=&limit=)",
         "user",
     ),
-    ("get", "/v1/orgs/{org}/audit/verify", "Verify the audit hash chain", "user"),
+    ("get", "/v1/orgs/{org}/audit/verify", "Verify the audit hash chain and every signed checkpoint", "user"),
+    ("get", "/v1/orgs/{org}/audit/pubkey", "The Ed25519 public key that signs audit checkpoints (PEM)", "user"),
+    ("get", "/v1/audit/export", "The whole chain in sequence order (?after=SEQ&limit=N; operator token)", "user"),
+    ("get", "/v1/audit/checkpoints", "Every signed checkpoint (operator token)", "user"),
 ];
 
 pub fn document() -> Value {

@@ -1,6 +1,7 @@
 //! Copying a whole store into an empty one (restore, `migrate-store`):
-//! every id, version, grant, token hash and audit event, verbatim, so the
-//! same master key decrypts the copy and the audit chain still verifies.
+//! every id, version, grant, token hash, audit event and signed checkpoint,
+//! verbatim, so the same master key decrypts the copy and the audit chain
+//! and its checkpoints still verify.
 
 use keyward_core::audit::{ChainVerifier, VerifyReport};
 use keyward_core::store::{Store, StoreError, StoreResult};
@@ -35,6 +36,9 @@ pub async fn copy_store(from: &dyn Store, to: &dyn Store) -> StoreResult<CopyRep
             verifier.feed(r);
         }
         to.import_audit(&page).await?;
+    }
+    for cp in from.list_checkpoints().await? {
+        to.add_checkpoint(&cp).await?;
     }
     let audit = verifier.finish();
     let (source, target) = (from.table_counts().await?, to.table_counts().await?);

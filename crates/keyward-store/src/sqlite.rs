@@ -30,6 +30,11 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 3, name: "lifecycle", sql: include_str!("../migrations/sqlite/0003_lifecycle.sql") },
     Migration { version: 4, name: "agent_sources", sql: include_str!("../migrations/sqlite/0004_agent_sources.sql") },
     Migration { version: 5, name: "auto_rotation", sql: include_str!("../migrations/sqlite/0005_auto_rotation.sql") },
+    Migration {
+        version: 6,
+        name: "audit_checkpoints",
+        sql: include_str!("../migrations/sqlite/0006_audit_checkpoints.sql"),
+    },
 ];
 
 pub struct SqliteStore {

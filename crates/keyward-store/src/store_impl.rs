@@ -440,6 +440,49 @@ macro_rules! store_impl {
                 rows.iter().map(audit_from).collect()
             }
 
+            async fn audit_tail(&self) -> StoreResult<(i64, [u8; 32])> {
+                let row = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                match row {
+                    Some(r) => Ok((r.try_get("seq").map_err(corrupt)?, hash32(r.try_get("hash").map_err(corrupt)?)?)),
+                    None => Ok((0, GENESIS_HASH)),
+                }
+            }
+
+            async fn add_checkpoint(&self, cp: &keyward_core::checkpoint::Checkpoint) -> StoreResult<bool> {
+                let done = sqlx::query(
+                    "INSERT INTO audit_checkpoints (seq, hash, time, signature) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (seq) DO NOTHING",
+                )
+                .bind(cp.seq)
+                .bind(&cp.hash[..])
+                .bind(micros(cp.time))
+                .bind(&cp.signature)
+                .execute(self.writer())
+                .await
+                .map_err(map_err)?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn list_checkpoints(&self) -> StoreResult<Vec<keyward_core::checkpoint::Checkpoint>> {
+                let rows = sqlx::query("SELECT seq, hash, time, signature FROM audit_checkpoints ORDER BY seq")
+                    .fetch_all(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(keyward_core::checkpoint::Checkpoint {
+                            seq: r.try_get("seq").map_err(corrupt)?,
+                            hash: hash32(r.try_get("hash").map_err(corrupt)?)?,
+                            time: from_micros(r.try_get("time").map_err(corrupt)?),
+                            signature: r.try_get("signature").map_err(corrupt)?,
+                        })
+                    })
+                    .collect()
+            }
+
             async fn export_state(&self) -> StoreResult<StateSnapshot> {
                 let mut tx = self.writer().begin().await.map_err(map_err)?;
                 let s = export_state_from(&mut tx).await?;

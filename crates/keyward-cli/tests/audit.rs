@@ -1,0 +1,187 @@
+//! Tamper evidence of the audit trail, end to end: signed checkpoints are
+//! written by the server, `audit verify` checks them, and an export verifies
+//! offline with only the public key. Each tamper case — a modified event, a
+//! deleted event, a truncated tail, reordering, a chain rewritten by someone
+//! without the key (hashes recomputed), a forged checkpoint — is detected by
+//! the server (in its database) and offline (in an export).
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use keyward_core::audit::{AuditRecord, GENESIS_HASH, chain_batch};
+use keyward_core::checkpoint::{Checkpoint, CheckpointSigner, export_line_checkpoint, export_line_event};
+use support::*;
+
+const VALUE: &str = "sk-audit-test-value-0123456789";
+
+async fn busy_server(b: Backend, dir: &Path) -> Server {
+    let config = dir.join("keyward.toml");
+    std::fs::write(&config, "audit_checkpoint_events = 5\naudit_checkpoint_secs = 1\n").unwrap();
+    let serve_args = vec!["--config".to_owned(), config.display().to_string()];
+    let s = Server::start_with(b, Opts { serve_args, ..Opts::default() }).await;
+    s.put_secret(None, "k", VALUE, &[]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal", &[]);
+    for _ in 0..12 {
+        assert_eq!(s.resolve(&token, "k").await.0, 200);
+    }
+    // Wait until the checkpointer has signed the whole tail.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = ok_json(s.cli(&["--json", "audit", "verify"]));
+        if v["checkpoints_verified"].as_u64().unwrap_or(0) >= 2 && v["unsigned_tail"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint covers the tail: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s
+}
+
+/// `keyward audit verify` (server, or offline with `file`): (exit code, stderr + stdout).
+fn verify(s: &Server, file: Option<(&Path, &Path)>) -> (i32, String) {
+    let out = match file {
+        Some((f, key)) => s.cli(&["audit", "verify", "--file", f.to_str().unwrap(), "--pubkey", key.to_str().unwrap()]),
+        None => s.cli(&["audit", "verify"]),
+    };
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn parse(lines: &[String]) -> (Vec<Checkpoint>, Vec<AuditRecord>) {
+    let (mut cps, mut events) = (Vec::new(), Vec::new());
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        match v["type"].as_str().unwrap() {
+            "checkpoint" => cps.push(serde_json::from_value(v).unwrap()),
+            _ => events.push(serde_json::from_value(v).unwrap()),
+        }
+    }
+    (cps, events)
+}
+
+async fn tamper_evidence(b: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = busy_server(b, dir.path()).await;
+    let (code, text) = verify(&s, None);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("signed checkpoints hold"), "{text}");
+
+    // Export and public key; the untouched export verifies offline.
+    let key = dir.path().join("audit.pem");
+    let pem = s.cli(&["audit", "pubkey"]);
+    assert!(pem.status.success());
+    std::fs::write(&key, &pem.stdout).unwrap();
+    let export = dir.path().join("export.jsonl");
+    let out = s.cli(&["audit", "export", "--format", "jsonl", "--output", export.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&export).unwrap();
+    assert!(!text.contains(VALUE), "a value in the export");
+    let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let (cps, events) = parse(&lines);
+    assert!(cps.len() >= 2 && events.len() >= 15, "{} checkpoints, {} events", cps.len(), events.len());
+    let (code, text) = verify(&s, Some((&export, &key)));
+    assert_eq!(code, 0, "{text}");
+
+    // Offline tampering, one copy of the export per case.
+    let first_event = cps.len();
+    let last_cp = cps.last().unwrap().seq;
+    let write = |name: &str, ls: &[String]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, ls.join("\n")).unwrap();
+        p
+    };
+    let mut modified = lines.clone();
+    modified[first_event + 4] = modified[first_event + 4].replace("\"action\":\"", "\"action\":\"x");
+    let mut deleted = lines.clone();
+    deleted.remove(first_event + 3);
+    let mut truncated = lines.clone();
+    truncated.truncate(first_event + last_cp as usize - 2);
+    let mut reordered = lines.clone();
+    reordered.swap(first_event + 6, first_event + 7);
+    // Without the key: rewrite event 3 and recompute every hash after it.
+    let mut drafts: Vec<_> = events.iter().map(|r| r.event.clone()).collect();
+    drafts[2].action = "secret.nothing_to_see".into();
+    let mut rewritten: Vec<String> = cps.iter().map(export_line_checkpoint).collect();
+    rewritten.extend(chain_batch(0, GENESIS_HASH, &drafts).iter().map(export_line_event));
+    // ...or forge a checkpoint over it with a key of one's own.
+    let (forger, _) = CheckpointSigner::generate().unwrap();
+    let mut forged_cp = lines.clone();
+    let forged = forger.sign(cps[0].seq, cps[0].hash, cps[0].time);
+    forged_cp[0] = export_line_checkpoint(&forged);
+    for (name, ls, expect) in [
+        ("modified", modified, "modified"),
+        ("deleted", deleted, "missing"),
+        ("truncated", truncated, "truncated"),
+        ("reordered", reordered, "missing or reordered"),
+        ("rewritten", rewritten, "rewritten"),
+        ("forged-checkpoint", forged_cp, "invalid signature"),
+    ] {
+        let (code, text) = verify(&s, Some((&write(name, &ls), &key)));
+        assert_eq!(code, 4, "{name}: offline verify must fail: {text}");
+        assert!(text.contains(expect), "{name}: {text}");
+    }
+
+    // The same cases in the server's database, each undone before the next.
+    let db = s.db().await;
+    let server_fails = |expect: &'static str| {
+        let (code, text) = verify(&s, None);
+        assert_eq!(code, 4, "server verify must fail ({expect}): {text}");
+        assert!(text.contains(expect), "{text}");
+    };
+    db.exec("UPDATE audit_events SET action = action || 'x' WHERE seq = 5", vec![]).await;
+    server_fails("modified");
+    db.exec("UPDATE audit_events SET action = substr(action, 1, length(action) - 1) WHERE seq = 5", vec![]).await;
+    assert_eq!(verify(&s, None).0, 0);
+
+    for (from, to) in [(7, -7), (8, 7), (-7, 8)] {
+        db.exec("UPDATE audit_events SET seq = ? WHERE seq = ?", vec![Bind::I(to), Bind::I(from)]).await;
+    }
+    server_fails("reordered");
+    for (from, to) in [(7, -7), (8, 7), (-7, 8)] {
+        db.exec("UPDATE audit_events SET seq = ? WHERE seq = ?", vec![Bind::I(to), Bind::I(from)]).await;
+    }
+    assert_eq!(verify(&s, None).0, 0);
+
+    let first = cps[0].seq;
+    let signature = db.bytes("SELECT signature FROM audit_checkpoints WHERE seq = ?", vec![Bind::I(first)]).await;
+    db.exec(
+        "UPDATE audit_checkpoints SET signature = ? WHERE seq = ?",
+        vec![Bind::B(forged.signature.clone()), Bind::I(first)],
+    )
+    .await;
+    server_fails("invalid signature");
+    db.exec("UPDATE audit_checkpoints SET signature = ? WHERE seq = ?", vec![Bind::B(signature), Bind::I(first)]).await;
+    assert_eq!(verify(&s, None).0, 0);
+
+    db.exec("DELETE FROM audit_events WHERE seq > ?", vec![Bind::I(last_cp - 2)]).await;
+    server_fails("truncated");
+    db.exec("DELETE FROM audit_events WHERE seq = 3", vec![]).await;
+    server_fails("missing");
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_tamper_evidence() {
+    tamper_evidence(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tamper_evidence() {
+    tamper_evidence(Backend::Postgres).await;
+}
+
+/// Only the operator token may export the chain (it spans every org).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_needs_the_operator_token() {
+    let s = Server::start(Backend::Sqlite).await;
+    let out = s.cli(&["--json", "token", "create", "alice", "--role", "owner"]);
+    let owner = ok_json(out)["token"].as_str().unwrap().to_owned();
+    let out = s.cli_as(&owner, None, &["audit", "export"], b"");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("operator_only"));
+    let pem = s.cli_as(&owner, None, &["audit", "pubkey"], b"");
+    assert!(String::from_utf8_lossy(&pem.stdout).starts_with("-----BEGIN PUBLIC KEY-----"));
+}
