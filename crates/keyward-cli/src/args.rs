@@ -372,8 +372,21 @@ pub struct AuditArgs {
     /// RFC 3339 time, date, or how far back (1h, 7d).
     #[arg(long)]
     pub since: Option<String>,
+    /// Only events before this (same forms as --since).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only events from this source address.
+    #[arg(long)]
+    pub source_ip: Option<String>,
+    /// Page cursor: only events older than this sequence number (the
+    /// `next_before` of the previous page).
+    #[arg(long, conflicts_with = "follow")]
+    pub before: Option<i64>,
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
+    /// Keep printing new events as they happen (server-sent events).
+    #[arg(long, short = 'f')]
+    pub follow: bool,
 }
 
 #[derive(Subcommand)]

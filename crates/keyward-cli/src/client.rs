@@ -86,6 +86,51 @@ impl Client {
         Err(CliError::Api { status: status.as_u16(), code, message })
     }
 
+    /// Follows a server-sent event stream, calling `each` with every event's
+    /// JSON data; resumes with `Last-Event-ID` when the server ends it.
+    pub async fn follow(&self, path: &str, mut each: impl FnMut(Value)) -> Result<(), CliError> {
+        let mut last_id: Option<String> = None;
+        loop {
+            // A live feed has no end: no total timeout (idle keep-alives come every 15 s).
+            let mut req = self.http.get(format!("{}{path}", self.base)).timeout(Duration::from_secs(365 * 86_400));
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t.as_str());
+            }
+            if let Some(id) = &last_id {
+                req = req.header("last-event-id", id.as_str());
+            }
+            let mut resp =
+                req.send().await.map_err(|e| CliError::Connect(format!("{}: {}", self.base, root_cause(&e))))?;
+            let status = resp.status();
+            if !status.is_success() {
+                let v: Value = serde_json::from_slice(&resp.bytes().await.unwrap_or_default()).unwrap_or(Value::Null);
+                let code = v["error"]["code"].as_str().unwrap_or("http_error").to_owned();
+                let message =
+                    v["error"]["message"].as_str().map(str::to_owned).unwrap_or_else(|| format!("HTTP {status}"));
+                return Err(CliError::Api { status: status.as_u16(), code, message });
+            }
+            let mut buf = String::new();
+            while let Some(chunk) = resp.chunk().await.map_err(|e| CliError::Connect(root_cause(&e)))? {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buf.find("\n\n") {
+                    let block: String = buf.drain(..end + 2).collect();
+                    let mut data = String::new();
+                    for line in block.lines() {
+                        if let Some(d) = line.strip_prefix("data:") {
+                            data.push_str(d.trim_start());
+                        } else if let Some(id) = line.strip_prefix("id:") {
+                            last_id = Some(id.trim().to_owned());
+                        }
+                    }
+                    if let Ok(v) = serde_json::from_str::<Value>(&data) {
+                        each(v);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     pub async fn get(&self, path: &str) -> Result<Value, CliError> {
         self.call(Method::GET, path, None).await
     }

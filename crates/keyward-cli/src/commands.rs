@@ -811,17 +811,39 @@ async fn audit(c: &Client, a: AuditArgs, json: bool) -> Result<(), CliError> {
         }
         None => {}
     }
-    let mut q = vec![format!("limit={}", a.limit)];
+    let mut q = Vec::new();
     for (k, val) in [
         ("secret", &a.secret),
         ("agent", &a.agent),
         ("action", &a.action),
         ("outcome", &a.outcome),
         ("since", &a.since),
+        ("until", &a.until),
+        ("source_ip", &a.source_ip),
     ] {
         if let Some(x) = val {
             q.push(format!("{k}={}", seg(x)));
         }
+    }
+    if a.follow {
+        let path = format!("{}?{}", c.org_path("/audit/follow"), q.join("&"));
+        if !json {
+            println!("following the audit trail (Ctrl-C to stop)");
+        }
+        return c
+            .follow(&path, |e| {
+                if json {
+                    println!("{e}");
+                } else {
+                    println!("{}", audit_row(&e).join("  "));
+                }
+                let _ = std::io::stdout().flush();
+            })
+            .await;
+    }
+    q.push(format!("limit={}", a.limit));
+    if let Some(b) = a.before {
+        q.push(format!("before={b}"));
     }
     let v = c.get(&format!("{}?{}", c.org_path("/audit"), q.join("&"))).await?;
     let events = v["events"].as_array().cloned().unwrap_or_default();
@@ -832,29 +854,30 @@ async fn audit(c: &Client, a: AuditArgs, json: bool) -> Result<(), CliError> {
         }
         return Ok(());
     }
-    let rows = events
-        .iter()
-        .rev()
-        .map(|e| {
-            let actor = format!("{}:{}", s(&e["actor"]["kind"]), s(&e["actor"]["name"]));
-            let secret = match (&e["secret_name"], &e["secret_version"]) {
-                (Value::Null, _) => "-".to_owned(),
-                (n, Value::Null) => s(n),
-                (n, v) => format!("{}@v{}", s(n), s(v)),
-            };
-            vec![
-                s(&e["seq"]),
-                s(&e["time"]),
-                s(&e["outcome"]),
-                s(&e["action"]),
-                actor,
-                secret,
-                s(&e["purpose"]),
-                s(&e["source_ip"]),
-                s(&e["reason"]),
-            ]
-        })
-        .collect();
+    let rows = events.iter().rev().map(audit_row).collect();
     table(&["SEQ", "TIME", "OUTCOME", "ACTION", "ACTOR", "SECRET", "PURPOSE", "SOURCE", "REASON"], rows);
+    if let Some(next) = v["next_before"].as_i64() {
+        println!("(more: --before {next})");
+    }
     Ok(())
+}
+
+fn audit_row(e: &Value) -> Vec<String> {
+    let actor = format!("{}:{}", s(&e["actor"]["kind"]), s(&e["actor"]["name"]));
+    let secret = match (&e["secret_name"], &e["secret_version"]) {
+        (Value::Null, _) => "-".to_owned(),
+        (n, Value::Null) => s(n),
+        (n, v) => format!("{}@v{}", s(n), s(v)),
+    };
+    vec![
+        s(&e["seq"]),
+        s(&e["time"]),
+        s(&e["outcome"]),
+        s(&e["action"]),
+        actor,
+        secret,
+        s(&e["purpose"]),
+        s(&e["source_ip"]),
+        s(&e["reason"]),
+    ]
 }

@@ -185,3 +185,98 @@ async fn export_needs_the_operator_token() {
     let pem = s.cli_as(&owner, None, &["audit", "pubkey"], b"");
     assert!(String::from_utf8_lossy(&pem.stdout).starts_with("-----BEGIN PUBLIC KEY-----"));
 }
+
+/// `--json` audit lines of a CLI call.
+fn lines(s: &Server, args: &[&str]) -> Vec<serde_json::Value> {
+    let out = s.cli(&[&["--json", "audit"], args].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(json).collect()
+}
+
+async fn search_pages_and_follows(b: Backend) {
+    let s = Server::start(b).await;
+    s.put_secret(None, "k", VALUE, &[]);
+    s.put_secret(None, "other", "sk-other-value-000000", &[]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal", &[]);
+    for _ in 0..5 {
+        assert_eq!(s.resolve(&token, "k").await.0, 200);
+    }
+    assert_eq!(s.resolve(&token, "other").await.0, 404);
+
+    // Filters: agent, secret, action, outcome, source address, time range.
+    let resolves =
+        lines(&s, &["--agent", "bot", "--secret", "k", "--action", "secret.resolve", "--outcome", "allowed"]);
+    assert_eq!(resolves.len(), 5);
+    assert_eq!(lines(&s, &["--agent", "bot", "--outcome", "denied"]).len(), 1);
+    assert_eq!(lines(&s, &["--action", "secret.resolve", "--source-ip", "127.0.0.1"]).len(), 6);
+    assert!(lines(&s, &["--source-ip", "10.9.9.9"]).is_empty());
+    assert_eq!(lines(&s, &["--action", "secret.resolve", "--since", "1h"]).len(), 6);
+    assert!(lines(&s, &["--until", "1h"]).is_empty(), "nothing is older than an hour");
+    let bad = s.cli(&["audit", "--source-ip", "not-an-ip"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("source_ip"));
+
+    // Cursor paging: pages of 3, newest first, no overlap, nothing missed.
+    let all: Vec<i64> = lines(&s, &["--limit", "1000"]).iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    let mut seen = Vec::new();
+    let mut before: Option<i64> = None;
+    loop {
+        let mut args = vec!["--limit".to_owned(), "3".to_owned()];
+        if let Some(b) = before {
+            args.extend(["--before".to_owned(), b.to_string()]);
+        }
+        let page = lines(&s, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 3);
+        let seqs: Vec<i64> = page.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+        before = seqs.iter().min().copied();
+        seen.extend(seqs);
+    }
+    seen.sort();
+    assert_eq!(seen, all, "pages cover the trail exactly once");
+
+    // Following: only new events, filtered, as they happen.
+    let mut follower = s
+        .cli_command(&["--json", "audit", "--follow", "--action", "secret.resolve"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.cli(&["agent", "list"]);
+    assert_eq!(s.resolve(&token, "k").await.0, 200);
+    assert_eq!(s.resolve(&token, "other").await.0, 404);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let line = rx.recv_timeout(Duration::from_secs(10)).expect("followed events arrive");
+        got.push(json(&line));
+    }
+    follower.kill().unwrap();
+    let _ = follower.wait();
+    assert!(got.iter().all(|e| e["action"] == "secret.resolve"), "{got:?}");
+    assert_eq!((got[0]["outcome"].as_str(), got[1]["outcome"].as_str()), (Some("allowed"), Some("denied")));
+    assert!(got[0]["seq"].as_i64().unwrap() > *all.iter().max().unwrap(), "only new events");
+    assert!(!got.iter().any(|e| e.to_string().contains(VALUE)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_search_pages_and_follows() {
+    search_pages_and_follows(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_search_pages_and_follows() {
+    search_pages_and_follows(Backend::Postgres).await;
+}

@@ -40,7 +40,7 @@ pub struct StateSnapshot {
     pub user_tokens: Vec<UserToken>,
 }
 
-/// Filters for reading the audit trail, newest first.
+/// Filters for reading the audit trail.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
     pub org_id: Option<String>,
@@ -51,8 +51,14 @@ pub struct AuditQuery {
     pub action: Option<String>,
     pub outcome: Option<Outcome>,
     pub since: Option<OffsetDateTime>,
+    /// Only events before this time.
+    pub until: Option<OffsetDateTime>,
+    pub source_ip: Option<String>,
     /// Cursor: only events with a smaller sequence number.
     pub before_seq: Option<i64>,
+    /// Only events with a larger sequence number, oldest first (following
+    /// the trail live); without it the newest come first.
+    pub after_seq: Option<i64>,
     pub limit: u32,
 }
 

@@ -24,7 +24,9 @@ pub fn router(state: AppState) -> Router {
     // take minutes): they have the upstream client's own timeouts instead.
     let proxy = Router::new()
         .route("/proxy/{secret}", any(crate::proxy::handle))
-        .route("/proxy/{secret}/{*path}", any(crate::proxy::handle));
+        .route("/proxy/{secret}/{*path}", any(crate::proxy::handle))
+        // A live audit feed lasts as long as its reader wants.
+        .route("/v1/orgs/{org}/audit/follow", get(h::follow_audit));
     let api = Router::new()
         .route("/healthz", get(h::healthz))
         .route("/openapi.json", get(h::openapi))

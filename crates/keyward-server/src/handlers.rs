@@ -514,24 +514,27 @@ pub struct AuditParams {
     outcome: Option<String>,
     /// RFC 3339 time, date, or a duration back from now (`1h`).
     since: Option<String>,
+    /// The same forms: only events before it.
+    until: Option<String>,
+    source_ip: Option<String>,
     before: Option<i64>,
     limit: Option<u32>,
 }
 
-pub async fn query_audit(
-    State(s): State<AppState>,
-    Path(org): Path<String>,
-    Admin(p, _): Admin,
-    ApiQuery(q): ApiQuery<AuditParams>,
-) -> ApiResult {
-    let now = s.vault.now();
-    let since = match q.since.as_deref() {
-        None => None,
-        Some(x) => Some(match parse_duration(x) {
-            Ok(d) => now - d,
-            Err(_) => parse_instant(x, now).map_err(|m| CoreError::invalid("since", m))?,
-        }),
-    };
+fn point_in_time(
+    field: &'static str,
+    raw: Option<&str>,
+    now: time::OffsetDateTime,
+) -> Result<Option<time::OffsetDateTime>, CoreError> {
+    raw.map(|x| match parse_duration(x) {
+        Ok(d) => Ok(now - d),
+        Err(_) => parse_instant(x, now).map_err(|m| CoreError::invalid(field, m)),
+    })
+    .transpose()
+}
+
+fn audit_query(vault: &Vault, q: AuditParams) -> Result<AuditQuery, CoreError> {
+    let now = vault.now();
     let outcome = q
         .outcome
         .as_deref()
@@ -540,20 +543,80 @@ pub async fn query_audit(
                 .ok_or_else(|| CoreError::invalid("outcome", "allowed, denied or error"))
         })
         .transpose()?;
-    let limit = q.limit.unwrap_or(100);
-    let query = AuditQuery {
+    if let Some(ip) = &q.source_ip
+        && ip.parse::<std::net::IpAddr>().is_err()
+    {
+        return Err(CoreError::invalid("source_ip", "not an IP address"));
+    }
+    Ok(AuditQuery {
         secret: q.secret,
         agent: q.agent,
         action: q.action,
         outcome,
-        since,
+        since: point_in_time("since", q.since.as_deref(), now)?,
+        until: point_in_time("until", q.until.as_deref(), now)?,
+        source_ip: q.source_ip,
         before_seq: q.before,
-        limit,
+        limit: q.limit.unwrap_or(100),
         ..AuditQuery::default()
-    };
+    })
+}
+
+pub async fn query_audit(
+    State(s): State<AppState>,
+    Path(org): Path<String>,
+    Admin(p, _): Admin,
+    ApiQuery(q): ApiQuery<AuditParams>,
+) -> ApiResult {
+    let query = audit_query(&s.vault, q)?;
+    let limit = query.limit;
     let events = s.vault.query_audit(&p, &org, query).await?;
     let next_before = if events.len() as u32 >= limit.clamp(1, 1000) { events.last().map(|e| e.seq) } else { None };
     ok(json!({"events": events, "next_before": next_before}))
+}
+
+/// Server-sent events: every new event matching the filters, oldest first,
+/// from the moment of the request on. Polls the store (so it follows every
+/// replica's events); the stream ends if the vault is sealed or the store
+/// fails, and clients reconnect with `Last-Event-ID` to resume.
+pub async fn follow_audit(
+    State(s): State<AppState>,
+    Path(org): Path<String>,
+    Admin(p, _): Admin,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<AuditParams>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let mut query = audit_query(&s.vault, q)?;
+    if query.before_seq.is_some() {
+        return Err(CoreError::invalid("before", "following reads forward; use Last-Event-ID to resume").into());
+    }
+    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok());
+    let start = match resume {
+        Some(seq) => seq,
+        None => s.vault.audit_head(&p, &org).await?,
+    };
+    query.after_seq = Some(start);
+    query.limit = 500;
+    let vault = s.vault.clone();
+    let events = futures_util::stream::unfold((vault, p, org, query), |(v, p, org, mut q)| async move {
+        loop {
+            match v.query_audit(&p, &org, q.clone()).await {
+                Ok(batch) if !batch.is_empty() => {
+                    q.after_seq = batch.last().map(|e| e.seq);
+                    let items: Vec<Result<Event, std::convert::Infallible>> = batch
+                        .iter()
+                        .filter_map(|e| Event::default().event("audit").id(e.seq.to_string()).json_data(e).ok())
+                        .map(Ok)
+                        .collect();
+                    return Some((futures_util::stream::iter(items), (v, p, org, q)));
+                }
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+                Err(_) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(futures_util::StreamExt::flatten(events)).keep_alive(KeepAlive::default()).into_response())
 }
 
 pub async fn verify_audit(State(s): State<AppState>, Path(org): Path<String>, Admin(p, _): Admin) -> ApiResult {

@@ -67,7 +67,13 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     (
         "get",
         "/v1/orgs/{org}/audit",
-        "Query the audit trail (?secret=&agent=&action=&outcome=&since=&before=&limit=)",
+        "Query the audit trail, newest first (?secret=&agent=&action=&outcome=&source_ip=&since=&until=&before=&limit=); next_before is the cursor of the next page",
+        "user",
+    ),
+    (
+        "get",
+        "/v1/orgs/{org}/audit/follow",
+        "Server-sent events: new audit events matching the same filters as /audit (Last-Event-ID resumes)",
         "user",
     ),
     ("get", "/v1/orgs/{org}/audit/verify", "Verify the audit hash chain and every signed checkpoint", "user"),

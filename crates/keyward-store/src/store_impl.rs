@@ -412,7 +412,11 @@ macro_rules! store_impl {
                      AND (CAST($5 AS TEXT) IS NULL OR outcome = $5) \
                      AND (CAST($6 AS BIGINT) IS NULL OR time >= $6) \
                      AND (CAST($7 AS BIGINT) IS NULL OR seq < $7) \
-                     ORDER BY seq DESC LIMIT $8"
+                     AND (CAST($8 AS TEXT) IS NULL OR source_ip = $8) \
+                     AND (CAST($9 AS BIGINT) IS NULL OR time < $9) \
+                     AND (CAST($10 AS BIGINT) IS NULL OR seq > $10) \
+                     ORDER BY seq {} LIMIT $11",
+                    if q.after_seq.is_some() { "ASC" } else { "DESC" }
                 );
                 let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(&q.org_id)
@@ -422,6 +426,9 @@ macro_rules! store_impl {
                     .bind(q.outcome.map(Outcome::as_str))
                     .bind(opt_micros(q.since))
                     .bind(q.before_seq)
+                    .bind(&q.source_ip)
+                    .bind(opt_micros(q.until))
+                    .bind(q.after_seq)
                     .bind(i64::from(q.limit.max(1)))
                     .fetch_all(self.reader())
                     .await

@@ -208,6 +208,11 @@ impl Server {
         format!("{}{path}", self.addr)
     }
 
+    /// The CLI as the operator, not yet started (for long-running commands).
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        self.command(Some(&self.admin_token), None, args)
+    }
+
     fn command(&self, token: Option<&str>, org: Option<&str>, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.args(args)

@@ -62,6 +62,13 @@ impl Vault {
         Ok(signer)
     }
 
+    /// The chain's newest sequence number (where a live feed starts).
+    pub async fn audit_head(&self, p: &Principal, org: &str) -> Result<i64, CoreError> {
+        self.ensure_unsealed()?;
+        self.org_for(p, org).await?;
+        Ok(self.store.audit_tail().await?.0)
+    }
+
     /// The public half of the checkpoint key (`keyward audit pubkey`).
     pub async fn audit_public_key(&self, p: &Principal, org: &str) -> Result<[u8; 32], CoreError> {
         self.ensure_unsealed()?;
