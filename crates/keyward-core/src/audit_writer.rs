@@ -20,19 +20,19 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Reply = oneshot::Sender<Result<i64, String>>;
 
-pub(crate) struct AuditWriter {
+pub struct AuditWriter {
     tx: mpsc::Sender<(AuditDraft, Reply)>,
 }
 
 impl AuditWriter {
-    pub(crate) fn spawn(store: Arc<dyn Store>) -> Self {
+    pub fn spawn(store: Arc<dyn Store>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(store, rx));
         Self { tx }
     }
 
     /// Returns the event's sequence number once it is committed.
-    pub(crate) async fn append(&self, draft: AuditDraft) -> Result<i64, StoreError> {
+    pub async fn append(&self, draft: AuditDraft) -> Result<i64, StoreError> {
         let (reply, wait) = oneshot::channel();
         self.tx.send((draft, reply)).await.map_err(|_| StoreError::Unavailable("audit writer stopped".into()))?;
         match tokio::time::timeout(COMMIT_TIMEOUT, wait).await {

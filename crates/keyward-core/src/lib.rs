@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
-mod audit_writer;
+pub mod audit_writer;
 mod cache;
 pub mod checkpoint;
 pub mod clock;

@@ -22,7 +22,7 @@ use keyward_core::store::{AuditQuery, StateSnapshot, Store, StoreError, StoreRes
 
 use crate::map_err;
 use crate::migrate::{self, Migration};
-use crate::rows::{AUDIT_COLUMNS, AUDIT_ROWS_PER_STATEMENT, TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
+use crate::rows::{AUDIT_COLUMNS, AUDIT_STATEMENT_ROWS, TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
 
 const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../migrations/sqlite/0001_init.sql") },
