@@ -266,6 +266,7 @@ async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
     let notify_every = std::time::Duration::from_secs(cfg.notify_interval_secs.unwrap_or(60).max(1));
     keyward_server::webhooks::start(&vault, cfg.webhooks.clone().unwrap_or_default(), notify_every);
     keyward_server::checkpointer::start(&vault, cfg.checkpoint_policy());
+    keyward_server::sinks::start(&vault, cfg.audit_sinks.clone().unwrap_or_default()).map_err(setup)?;
     let idle = std::time::Duration::from_secs(cfg.upstream_timeout.unwrap_or(300).max(1));
     let upstreams =
         keyward_server::proxy::Upstreams::new(cfg.upstream_ca.as_deref(), cfg.resolve.as_deref().unwrap_or(&[]), idle)

@@ -42,6 +42,8 @@ pub enum CoreError {
     RateLimited,
     #[error("automated rotation failed at {stage}: {message}; the current version is unchanged")]
     RotationFailed { stage: &'static str, message: String },
+    #[error("a required audit sink cannot take events ({0}), so the request was refused")]
+    AuditSinkDown(&'static str),
     #[error("the audit trail cannot be written, so the request was refused: {0}")]
     AuditUnavailable(#[source] StoreError),
     #[error("storage failed: {0}")]
@@ -64,7 +66,7 @@ impl CoreError {
             Self::Conflict { .. } => ErrorKind::Conflict,
             Self::RateLimited => ErrorKind::RateLimited,
             Self::RotationFailed { .. } => ErrorKind::Dependency,
-            Self::Sealed | Self::AuditUnavailable(_) => ErrorKind::Unavailable,
+            Self::Sealed | Self::AuditUnavailable(_) | Self::AuditSinkDown(_) => ErrorKind::Unavailable,
             Self::Store(StoreError::Unavailable(_)) => ErrorKind::Unavailable,
             Self::Store(_) | Self::Crypto(_) => ErrorKind::Internal,
         }
@@ -83,6 +85,7 @@ impl CoreError {
             Self::RateLimited => "rate_limited",
             Self::RotationFailed { .. } => "rotation_failed",
             Self::AuditUnavailable(_) => "audit_unavailable",
+            Self::AuditSinkDown(_) => "audit_sink_unavailable",
             Self::Store(StoreError::Unavailable(_)) => "store_unavailable",
             Self::Store(_) => "store_error",
             Self::Crypto(CryptoError::Integrity) => "integrity_error",
@@ -96,6 +99,7 @@ impl CoreError {
             ErrorKind::Internal => "internal error; see the server log".to_owned(),
             ErrorKind::Unavailable if !matches!(self, Self::Sealed) => match self {
                 Self::AuditUnavailable(_) => "the audit trail cannot be written, so the request was refused".to_owned(),
+                Self::AuditSinkDown(_) => self.to_string(),
                 _ => "storage is unavailable; try again".to_owned(),
             },
             _ => self.to_string(),

@@ -20,3 +20,10 @@ pub trait Notifier: Send + Sync + 'static {
     /// Queues a notification; must return at once.
     fn send(&self, n: Notification);
 }
+
+/// Whether accesses may proceed given the state of the required audit sinks
+/// (see the server's sink module): `Some(reason)` refuses every use of a
+/// secret, fail closed, until the sinks can take events again.
+pub trait AccessGate: Send + Sync {
+    fn refusal(&self) -> Option<&'static str>;
+}

@@ -79,6 +79,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get_meta(&self, key: &str) -> StoreResult<Option<String>>;
     /// Inserts; `Duplicate` if the key exists (so two initialisers cannot both win).
     async fn insert_meta(&self, key: &str, value: &str) -> StoreResult<()>;
+    /// Inserts or replaces (sink cursors and other bookkeeping).
+    async fn put_meta(&self, key: &str, value: &str) -> StoreResult<()>;
 
     // Organizations.
     async fn create_org(&self, org: &OrgRecord) -> StoreResult<()>;

@@ -237,6 +237,7 @@ pub struct Vault {
     /// (subject, event) → day last sent, so daily reminders go once a day.
     reminded: std::sync::Mutex<std::collections::HashMap<(String, &'static str), i64>>,
     rotation: RotationState,
+    gate: std::sync::OnceLock<Arc<dyn crate::notify::AccessGate>>,
     /// The audit checkpoint key, once loaded with the master key.
     signer: RwLock<Option<Arc<crate::checkpoint::CheckpointSigner>>>,
 }
@@ -357,6 +358,7 @@ impl Vault {
             reminded: Default::default(),
             rotation: RotationState::default(),
             signer: RwLock::new(None),
+            gate: std::sync::OnceLock::new(),
         });
         if let Some(mut changes) = vault.store.watch_changes() {
             let weak = Arc::downgrade(&vault);
@@ -393,6 +395,12 @@ impl Vault {
     }
 
     /// Where notifications go (webhooks); set once at start.
+    /// Installs the required-sink gate: while it refuses, every use of a
+    /// secret is refused (and audited as such).
+    pub fn set_access_gate(&self, g: Arc<dyn crate::notify::AccessGate>) {
+        let _ = self.gate.set(g);
+    }
+
     pub fn set_notifier(&self, n: Arc<dyn crate::notify::Notifier>) {
         let _ = self.notifier.set(n);
     }
@@ -806,6 +814,12 @@ impl Vault {
         draft.secret_id = Some(secret.id.clone());
         draft.secret_name = Some(secret.name.clone());
         draft.secret_version = Some(version.version);
+        if let Some(reason) = self.gate.get().and_then(|g| g.refusal()) {
+            draft.reason = Some(reason.into());
+            self.count_use(mode, false);
+            self.audit_now(draft).await?;
+            return Err(CoreError::AuditSinkDown(reason));
+        }
         draft.outcome = Outcome::Allowed;
         // Proxy targets ("METHOD /path") gain the origin the key goes to.
         draft.reason = meta.target.as_deref().map(|t| match (mode, t.split_once(' '), &secret.upstream) {

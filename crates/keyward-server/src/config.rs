@@ -37,6 +37,8 @@ pub struct ServeConfig {
     pub audit_checkpoint_events: Option<i64>,
     /// ...or this many seconds after the last one, if events came since (default 60).
     pub audit_checkpoint_secs: Option<u64>,
+    /// Where audit events are exported (`[[audit_sinks]]`).
+    pub audit_sinks: Option<Vec<crate::sinks::SinkConfig>>,
     /// How often lifetimes are scanned for reminders (seconds, default 60).
     pub notify_interval_secs: Option<u64>,
     /// How long before expiry a secret counts as `expiring` (days, default 14).
@@ -77,6 +79,7 @@ impl ServeConfig {
             webhooks: self.webhooks.or(file.webhooks),
             rotation_hooks: self.rotation_hooks.or(file.rotation_hooks),
             auto_rotate: self.auto_rotate.or(file.auto_rotate),
+            audit_sinks: self.audit_sinks.or(file.audit_sinks),
             audit_checkpoint_events: self.audit_checkpoint_events.or(file.audit_checkpoint_events),
             audit_checkpoint_secs: self.audit_checkpoint_secs.or(file.audit_checkpoint_secs),
             notify_interval_secs: self.notify_interval_secs.or(file.notify_interval_secs),

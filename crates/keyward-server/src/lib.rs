@@ -13,6 +13,7 @@ pub mod openapi;
 pub mod proxy;
 pub mod rotation_hooks;
 pub mod serve;
+pub mod sinks;
 pub mod tls;
 pub mod webhooks;
 

@@ -26,6 +26,18 @@ macro_rules! store_impl {
                 row.map(|r| r.try_get("value").map_err(corrupt)).transpose()
             }
 
+            async fn put_meta(&self, key: &str, value: &str) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )
+                .bind(key)
+                .bind(value)
+                .execute(self.writer())
+                .await
+                .map_err(map_err)?;
+                Ok(())
+            }
+
             async fn insert_meta(&self, key: &str, value: &str) -> StoreResult<()> {
                 let mut tx = self.writer().begin().await.map_err(map_err)?;
                 sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2)")
