@@ -404,6 +404,16 @@ pub enum AuditCmd {
     },
     /// The Ed25519 public key that signs checkpoints (PEM).
     Pubkey,
+    /// Retention: delete events older than --before; a signed checkpoint
+    /// anchors what remains, so it still verifies (operator token).
+    Prune {
+        /// RFC 3339 time, date, or how far back (e.g. 90d).
+        #[arg(long)]
+        before: String,
+        /// Delete for real (without it: only count what would go).
+        #[arg(long)]
+        yes: bool,
+    },
     /// The whole chain and its signed checkpoints (operator token).
     Export {
         #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]

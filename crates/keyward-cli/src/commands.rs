@@ -810,6 +810,21 @@ async fn audit(c: &Client, a: AuditArgs, json: bool) -> Result<(), CliError> {
         Some(AuditCmd::Export { format: ExportFormat::Jsonl, output }) => {
             return export_audit(c, output.as_deref()).await;
         }
+        Some(AuditCmd::Prune { before, yes }) => {
+            let v = c.post("/v1/audit/prune", &json!({"before": before, "dry_run": !yes})).await?;
+            if json {
+                print_json(&v);
+            } else if yes {
+                println!("pruned {} events through sequence {}", s(&v["pruned"]), s(&v["through_seq"]));
+            } else {
+                println!(
+                    "would prune {} events through sequence {}; run again with --yes to delete them",
+                    s(&v["pruned"]),
+                    s(&v["through_seq"])
+                );
+            }
+            return Ok(());
+        }
         None => {}
     }
     let mut q = Vec::new();

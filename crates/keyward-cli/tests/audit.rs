@@ -280,3 +280,78 @@ async fn sqlite_search_pages_and_follows() {
 async fn postgres_search_pages_and_follows() {
     search_pages_and_follows(Backend::Postgres).await;
 }
+
+/// Retention: pruning keeps the rest verifiable (anchored by a signed
+/// checkpoint), on the server and offline; removing the anchor or the new
+/// first event is detected.
+async fn prune_keeps_the_rest_verifiable(b: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = busy_server(b, dir.path()).await;
+    let before_prune = ok_json(s.cli(&["--json", "audit", "verify"]));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let cut = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let token = s.agent(None, "late");
+    s.grant(None, "late", "k", "reveal", &[]);
+    assert_eq!(s.resolve(&token, "k").await.0, 200);
+
+    // A dry run counts and deletes nothing.
+    let dry = ok_json(s.cli(&["--json", "audit", "prune", "--before", &cut]));
+    let through = dry["through_seq"].as_i64().unwrap();
+    assert_eq!((dry["dry_run"].as_bool(), dry["pruned"].as_i64()), (Some(true), Some(through)));
+    assert_eq!(
+        ok_json(s.cli(&["--json", "audit", "verify"]))["events"],
+        before_prune["events"].as_u64().unwrap() + 3,
+        "a dry run deletes nothing"
+    );
+
+    // An owner of one org may not prune the instance-wide chain.
+    let owner = ok_json(s.cli(&["--json", "token", "create", "alice", "--role", "owner"]))["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = s.cli_as(&owner, None, &["audit", "prune", "--before", &cut, "--yes"], b"");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("operator_only"));
+
+    let done = ok_json(s.cli(&["--json", "audit", "prune", "--before", &cut, "--yes"]));
+    assert_eq!(done["pruned"].as_i64(), Some(through));
+    let v = ok_json(s.cli(&["--json", "audit", "verify"]));
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["checkpoints_verified"].as_u64().unwrap() >= 1);
+    let rest = lines(&s, &["--limit", "1000"]);
+    assert!(rest.iter().all(|e| e["seq"].as_i64().unwrap() > through));
+    assert!(rest.iter().any(|e| e["action"] == "audit.prune"), "the prune is audited");
+
+    // Offline, the export of what remains verifies from its anchor.
+    let key = dir.path().join("audit.pem");
+    std::fs::write(&key, s.cli(&["audit", "pubkey"]).stdout).unwrap();
+    let export = dir.path().join("pruned.jsonl");
+    assert!(s.cli(&["audit", "export", "--output", export.to_str().unwrap()]).status.success());
+    let (code, text) = verify(&s, Some((&export, &key)));
+    assert_eq!(code, 0, "{text}");
+
+    // Without its anchor, or without its new first event, it does not.
+    let db = s.db().await;
+    db.exec("DELETE FROM audit_checkpoints WHERE seq = ?", vec![Bind::I(through)]).await;
+    let (code, text) = verify(&s, None);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains("no signed checkpoint anchoring"), "{text}");
+    let mut lines_: Vec<String> = std::fs::read_to_string(&export).unwrap().lines().map(str::to_owned).collect();
+    let first_event = lines_.iter().position(|l| l.contains("\"type\":\"event\"")).unwrap();
+    lines_.remove(first_event);
+    let cut_export = dir.path().join("cut.jsonl");
+    std::fs::write(&cut_export, lines_.join("\n")).unwrap();
+    let (code, text) = verify(&s, Some((&cut_export, &key)));
+    assert_eq!(code, 4, "{text}");
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_prune_keeps_the_rest_verifiable() {
+    prune_keeps_the_rest_verifiable(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_prune_keeps_the_rest_verifiable() {
+    prune_keeps_the_rest_verifiable(Backend::Postgres).await;
+}

@@ -276,6 +276,33 @@ impl ChainVerifier {
         if self.failure.is_some() {
             return false;
         }
+        // A pruned trail starts later: a signed checkpoint at the sequence
+        // just before its first event anchors it.
+        if self.events == 0 && self.expected_seq == 1 && r.seq > 1 {
+            let anchor = self.checkpoints.iter().position(|c| c.seq == r.seq - 1);
+            let Some(i) = anchor else {
+                return self.fail(
+                    1,
+                    format!(
+                        "the trail starts at sequence {} with no signed checkpoint anchoring it (events removed from its start)",
+                        r.seq
+                    ),
+                );
+            };
+            let cp = self.checkpoints.remove(i).expect("found");
+            if !self.public_key.is_some_and(|k| cp.verify(&k)) {
+                return self.fail(
+                    cp.seq,
+                    format!("the checkpoint at sequence {} has an invalid signature (forged or altered)", cp.seq),
+                );
+            }
+            // Checkpoints before the anchor belong to the pruned part.
+            self.checkpoints.retain(|c| c.seq > cp.seq);
+            self.prev = cp.hash;
+            self.expected_seq = r.seq;
+            self.checkpoints_verified += 1;
+            self.last_checkpoint_seq = Some(cp.seq);
+        }
         let problem = if r.seq != self.expected_seq {
             Some(format!("expected sequence {}, found {} (event missing or reordered)", self.expected_seq, r.seq))
         } else if r.prev_hash != self.prev {
@@ -443,6 +470,13 @@ mod tests {
         assert!(verify_signed(&chain, key, &fake).problem.unwrap().contains("invalid signature"));
         let altered = vec![Checkpoint { seq: 5, ..cps[0].clone() }];
         assert!(!verify_signed(&chain, key, &altered).ok);
+
+        // A pruned trail verifies from its signed anchor, and only from it.
+        assert!(verify_signed(&chain[4..], key, &cps).ok, "anchored at 4");
+        assert!(verify_signed(&chain[4..], key, &cps[1..]).problem.unwrap().contains("no signed checkpoint"));
+        let wrong_anchor = vec![signer.sign(4, chain[2].hash, now), cps[1].clone()];
+        assert!(!verify_signed(&chain[4..], key, &wrong_anchor).ok);
+        assert!(!verify(&chain[4..]).ok, "without checkpoints a cut start is a break");
 
         // Modified, deleted and reordered events still fail as before.
         let mut modified = chain.clone();

@@ -168,6 +168,12 @@ pub trait Store: Send + Sync + 'static {
     /// Events with `seq > after_seq` in ascending order, for verification.
     async fn audit_page(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<AuditRecord>>;
 
+    /// The newest event older than `before`: (sequence, hash).
+    async fn audit_last_before(&self, before: OffsetDateTime) -> StoreResult<Option<(i64, [u8; 32])>>;
+    /// Deletes events up to `through_seq` and checkpoints before it, in one
+    /// transaction (the checkpoint at `through_seq` must exist: it anchors
+    /// what remains). Returns the events deleted.
+    async fn prune_audit(&self, through_seq: i64) -> StoreResult<u64>;
     /// The chain's last (sequence, hash); `(0, GENESIS_HASH)` when empty.
     async fn audit_tail(&self) -> StoreResult<(i64, [u8; 32])>;
     /// Stores a signed checkpoint; `false` if one exists at that sequence

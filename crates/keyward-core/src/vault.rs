@@ -23,7 +23,7 @@ use crate::token::{self, Token, TokenKind};
 mod auto_rotate;
 mod checkpoints;
 pub use auto_rotate::AutoRotated;
-pub use checkpoints::{AuditExportPage, CheckpointPolicy};
+pub use checkpoints::{AuditExportPage, CheckpointPolicy, PruneReport};
 
 /// Largest value keyward stores.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;

@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{org}/audit/pubkey", get(h::audit_pubkey))
         .route("/v1/audit/export", get(h::export_audit))
         .route("/v1/audit/checkpoints", get(h::audit_checkpoints))
+        .route("/v1/audit/prune", post(h::prune_audit))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")

@@ -644,6 +644,24 @@ pub async fn export_audit(
     ok(s.vault.export_audit(&p, q.after, q.limit.unwrap_or(1000)).await?)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneReq {
+    /// RFC 3339 time, date, or how far back (`90d`): events older go.
+    before: String,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+pub async fn prune_audit(
+    State(s): State<AppState>,
+    Admin(p, meta): Admin,
+    ApiJson(req): ApiJson<PruneReq>,
+) -> ApiResult {
+    let before = point_in_time("before", Some(&req.before), s.vault.now())?.expect("given");
+    ok(s.vault.prune_audit(&p, before, req.dry_run, &meta).await?)
+}
+
 pub async fn audit_checkpoints(State(s): State<AppState>, Admin(p, _): Admin) -> ApiResult {
     ok(json!({"checkpoints": s.vault.export_checkpoints(&p).await?}))
 }

@@ -80,6 +80,12 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("get", "/v1/orgs/{org}/audit/pubkey", "The Ed25519 public key that signs audit checkpoints (PEM)", "user"),
     ("get", "/v1/audit/export", "The whole chain in sequence order (?after=SEQ&limit=N; operator token)", "user"),
     ("get", "/v1/audit/checkpoints", "Every signed checkpoint (operator token)", "user"),
+    (
+        "post",
+        "/v1/audit/prune",
+        "Retention: delete events older than {before} ({dry_run?}); a signed checkpoint anchors the rest (operator token)",
+        "user",
+    ),
 ];
 
 pub fn document() -> Value {

@@ -459,6 +459,40 @@ macro_rules! store_impl {
                 rows.iter().map(audit_from).collect()
             }
 
+            async fn audit_last_before(&self, before: OffsetDateTime) -> StoreResult<Option<(i64, [u8; 32])>> {
+                let row = sqlx::query("SELECT seq, hash FROM audit_events WHERE time < $1 ORDER BY seq DESC LIMIT 1")
+                    .bind(micros(before))
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                row.map(|r| Ok((r.try_get("seq").map_err(corrupt)?, hash32(r.try_get("hash").map_err(corrupt)?)?)))
+                    .transpose()
+            }
+
+            async fn prune_audit(&self, through_seq: i64) -> StoreResult<u64> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let anchored: Option<i64> = sqlx::query_scalar("SELECT seq FROM audit_checkpoints WHERE seq = $1")
+                    .bind(through_seq)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                if anchored.is_none() {
+                    return Err(StoreError::Other(format!("no checkpoint at sequence {through_seq} to anchor the pruned trail")));
+                }
+                let done = sqlx::query("DELETE FROM audit_events WHERE seq <= $1")
+                    .bind(through_seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                sqlx::query("DELETE FROM audit_checkpoints WHERE seq < $1")
+                    .bind(through_seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                tx.commit().await.map_err(map_err)?;
+                Ok(done.rows_affected())
+            }
+
             async fn audit_tail(&self) -> StoreResult<(i64, [u8; 32])> {
                 let row = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
                     .fetch_optional(self.reader())

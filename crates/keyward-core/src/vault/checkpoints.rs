@@ -30,6 +30,15 @@ pub struct AuditExportPage {
     pub next_after: Option<i64>,
 }
 
+/// What `keyward audit prune` did (or would do).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PruneReport {
+    pub pruned: u64,
+    /// The last pruned sequence: the signed checkpoint there anchors the trail.
+    pub through_seq: Option<i64>,
+    pub dry_run: bool,
+}
+
 impl Vault {
     /// The checkpoint signing key, loaded (or created, once per instance)
     /// with the master key.
@@ -101,6 +110,10 @@ impl Vault {
     pub async fn verify_audit(&self, p: &Principal, org: &str) -> Result<VerifyReport, CoreError> {
         self.ensure_unsealed()?;
         self.org_for(p, org).await?;
+        self.walk_chain().await
+    }
+
+    async fn walk_chain(&self) -> Result<VerifyReport, CoreError> {
         let key = self.signer().await?.public_key();
         let mut v = ChainVerifier::with_checkpoints(key, self.store.list_checkpoints().await?);
         let mut after = 0;
@@ -129,6 +142,56 @@ impl Vault {
         self.ensure_unsealed()?;
         self.require_operator(p, "audit.export").await?;
         Ok(self.store.list_checkpoints().await?)
+    }
+
+    /// Deletes the events older than `before` (retention), keeping the rest
+    /// verifiable: the last deleted event's chain hash is signed as a
+    /// checkpoint that anchors the new start. Operator and owner only; the
+    /// prune itself is audited first. `dry_run` only counts.
+    pub async fn prune_audit(
+        &self,
+        p: &Principal,
+        before: OffsetDateTime,
+        dry_run: bool,
+        meta: &RequestMeta,
+    ) -> Result<PruneReport, CoreError> {
+        self.ensure_unsealed()?;
+        self.require_operator(p, "audit.prune").await?;
+        let Some((through, hash)) = self.store.audit_last_before(before).await? else {
+            return Ok(PruneReport { pruned: 0, through_seq: None, dry_run });
+        };
+        if dry_run {
+            let first = self.store.audit_page(0, 1).await?.first().map_or(through + 1, |r| r.seq);
+            return Ok(PruneReport {
+                pruned: (through - first + 1).max(0) as u64,
+                through_seq: Some(through),
+                dry_run,
+            });
+        }
+        // Never sign an anchor over a trail that does not verify: that
+        // would launder tampering into the new start.
+        let report = self.walk_chain().await?;
+        if !report.ok {
+            return Err(CoreError::Conflict {
+                message: format!(
+                    "the audit trail does not verify (sequence {}: {}); prune refused",
+                    report.broken_at.unwrap_or(-1),
+                    report.problem.unwrap_or_default()
+                ),
+            });
+        }
+        let at = before.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        self.audit_now(AuditDraft {
+            actor: p.actor(),
+            action: "audit.prune".into(),
+            reason: Some(format!("before={at} through_seq={through}")),
+            ..draft_base(self.now(), Outcome::Allowed, meta)
+        })
+        .await?;
+        let anchor = self.signer().await?.sign(through, hash, self.now());
+        self.store.add_checkpoint(&anchor).await?;
+        let pruned = self.store.prune_audit(through).await?;
+        Ok(PruneReport { pruned, through_seq: Some(through), dry_run })
     }
 
     async fn require_operator(&self, p: &Principal, action: &str) -> Result<(), CoreError> {
