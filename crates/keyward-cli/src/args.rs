@@ -63,6 +63,8 @@ pub enum Command {
     Grant(GrantCmd),
     /// Query and verify the audit trail.
     Audit(AuditArgs),
+    /// Anomaly alerts: list, acknowledge, and the rules' settings.
+    Alerts(AlertsArgs),
     /// Online, consistent backup of a SQLite store to FILE (ciphertext only:
     /// keep the master key file apart from it).
     Backup {
@@ -387,6 +389,62 @@ pub struct AuditArgs {
     /// Keep printing new events as they happen (server-sent events).
     #[arg(long, short = 'f')]
     pub follow: bool,
+}
+
+#[derive(Args)]
+pub struct AlertsArgs {
+    #[command(subcommand)]
+    pub command: Option<AlertsCmd>,
+    /// Acknowledged alerts too.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Subcommand)]
+pub enum AlertsCmd {
+    /// Acknowledge an alert.
+    Ack { id: String },
+    /// Show or change the rules of the org, or of one agent (--agent);
+    /// options given are merged into what is stored.
+    Policy {
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long, value_name = "on|off")]
+        new_source_ip: Option<OnOff>,
+        /// Alert when a minute's uses exceed F× the trailing average (0: off).
+        #[arg(long)]
+        rate_factor: Option<f64>,
+        #[arg(long)]
+        rate_min_per_minute: Option<u32>,
+        /// Alert after N denials (0: off)...
+        #[arg(long)]
+        denials: Option<u32>,
+        /// ...within M minutes.
+        #[arg(long)]
+        denials_window_minutes: Option<u32>,
+        /// HH-HH in UTC, e.g. 08-18.
+        #[arg(long)]
+        allowed_hours: Option<String>,
+        #[arg(long, value_name = "on|off")]
+        dead_token: Option<OnOff>,
+        #[arg(long, value_name = "on|off")]
+        first_use: Option<OnOff>,
+        /// Disable the agent when an alert fires for it.
+        #[arg(long, value_name = "on|off")]
+        quarantine: Option<OnOff>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+impl OnOff {
+    pub fn get(self) -> bool {
+        matches!(self, Self::On)
+    }
 }
 
 #[derive(Subcommand)]

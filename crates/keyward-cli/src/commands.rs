@@ -100,6 +100,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             command: Some(AuditCmd::Verify { file: Some(file), pubkey: Some(key) }), ..
         }) => verify_export_offline(&file, &key, json),
         Command::Audit(a) => audit(&Client::new(&conn)?, a, json).await,
+        Command::Alerts(a) => alerts(&Client::new(&conn)?, a, json).await,
         Command::Backup { file, database } => {
             let cfg = server_config(&conn, &ServerOpts { database, ..ServerOpts::default() })?;
             keyward_store::backup_sqlite(&cfg.database_url(), &file).await.map_err(setup)?;
@@ -266,6 +267,7 @@ async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
     let notify_every = std::time::Duration::from_secs(cfg.notify_interval_secs.unwrap_or(60).max(1));
     keyward_server::webhooks::start(&vault, cfg.webhooks.clone().unwrap_or_default(), notify_every);
     keyward_server::checkpointer::start(&vault, cfg.checkpoint_policy());
+    vault.start_anomaly_detection();
     keyward_server::sinks::start(&vault, cfg.audit_sinks.clone().unwrap_or_default()).map_err(setup)?;
     let idle = std::time::Duration::from_secs(cfg.upstream_timeout.unwrap_or(300).max(1));
     let upstreams =
@@ -715,6 +717,90 @@ async fn grant(c: &Client, cmd: GrantCmd, json: bool) -> Result<(), CliError> {
             let v = c.delete(&c.org_path(&format!("/grants/{}/{}", seg(&agent), seg(&secret)))).await?;
             if !json {
                 println!("removed the grant of {secret} to {agent}");
+                return Ok(());
+            }
+            v
+        }
+    };
+    print_json(&v);
+    Ok(())
+}
+
+async fn alerts(c: &Client, a: AlertsArgs, json: bool) -> Result<(), CliError> {
+    let v = match a.command {
+        None => {
+            let v = c.get(&format!("{}?all={}", c.org_path("/alerts"), a.all)).await?;
+            if !json {
+                let rows = v["alerts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| {
+                        vec![
+                            s(&x["id"]),
+                            s(&x["time"]),
+                            s(&x["rule"]),
+                            s(&x["agent_name"]),
+                            s(&x["detail"]),
+                            s(&x["event_seq"]),
+                            s(&x["acknowledged_by"]),
+                        ]
+                    })
+                    .collect();
+                table(&["ID", "TIME", "RULE", "AGENT", "DETAIL", "EVENT", "ACKED BY"], rows);
+                return Ok(());
+            }
+            v
+        }
+        Some(AlertsCmd::Ack { id }) => {
+            let v = c.post(&c.org_path(&format!("/alerts/{}/ack", seg(&id))), &json!({})).await?;
+            if !json {
+                println!("acknowledged {id}");
+                return Ok(());
+            }
+            v
+        }
+        Some(AlertsCmd::Policy {
+            agent,
+            new_source_ip,
+            rate_factor,
+            rate_min_per_minute,
+            denials,
+            denials_window_minutes,
+            allowed_hours,
+            dead_token,
+            first_use,
+            quarantine,
+        }) => {
+            let path = match &agent {
+                Some(a) => format!("{}?agent={}", c.org_path("/anomaly-policy"), seg(a)),
+                None => c.org_path("/anomaly-policy"),
+            };
+            let mut patch = serde_json::Map::new();
+            let mut set = |k: &str, v: Value| {
+                if !v.is_null() {
+                    patch.insert(k.into(), v);
+                }
+            };
+            set("new_source_ip", json!(new_source_ip.map(OnOff::get)));
+            set("rate_factor", json!(rate_factor));
+            set("rate_min_per_minute", json!(rate_min_per_minute));
+            set("denials", json!(denials));
+            set("denials_window_minutes", json!(denials_window_minutes));
+            set("allowed_hours", json!(allowed_hours));
+            set("dead_token", json!(dead_token.map(OnOff::get)));
+            set("first_use", json!(first_use.map(OnOff::get)));
+            set("quarantine", json!(quarantine.map(OnOff::get)));
+            let v = if patch.is_empty() {
+                c.get(&path).await?
+            } else {
+                c.call(reqwest::Method::PUT, &path, Some(serde_json::to_vec(&patch).expect("json"))).await?
+            };
+            if !json {
+                println!("effective rules ({}):", agent.as_deref().unwrap_or("organization"));
+                for (k, val) in v["effective"].as_object().into_iter().flatten() {
+                    println!("  {k}: {}", s(val));
+                }
                 return Ok(());
             }
             v

@@ -8,7 +8,7 @@
 mod support;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keyward_core::audit::{AuditRecord, GENESIS_HASH, chain_batch};
 use keyward_core::checkpoint::{Checkpoint, CheckpointSigner, export_line_checkpoint, export_line_event};
@@ -354,4 +354,54 @@ async fn sqlite_prune_keeps_the_rest_verifiable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_prune_keeps_the_rest_verifiable() {
     prune_keeps_the_rest_verifiable(Backend::Postgres).await;
+}
+
+/// The server runs detection: a rule fires on real traffic, the CLI lists,
+/// configures and acknowledges, and a quarantined agent is cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_from_the_cli() {
+    let s = Server::start(Backend::Sqlite).await;
+    s.put_secret(None, "k", VALUE, &[]);
+    let token = s.agent(None, "bot");
+    s.grant(None, "bot", "k", "reveal", &[]);
+    let v = ok_json(s.cli(&[
+        "--json",
+        "alerts",
+        "policy",
+        "--agent",
+        "bot",
+        "--quarantine",
+        "on",
+        "--denials",
+        "3",
+        "--first-use",
+        "off",
+    ]));
+    assert_eq!((v["effective"]["quarantine"].as_bool(), v["effective"]["denials"].as_u64()), (Some(true), Some(3)));
+    let bad = s.cli(&["alerts", "policy", "--allowed-hours", "25-99"]);
+    assert!(!bad.status.success());
+    for _ in 0..3 {
+        assert_eq!(s.resolve(&token, "not-granted").await.0, 404);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let alerts = loop {
+        let v = ok_json(s.cli(&["--json", "alerts"]));
+        let a = v["alerts"].as_array().unwrap().clone();
+        if !a.is_empty() {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "no alert");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(alerts[0]["rule"], "denial_burst");
+    assert_eq!(alerts[0]["agent_name"], "bot");
+    // Quarantined: disabled until a human enables it.
+    assert_eq!(s.resolve(&token, "k").await.0, 401);
+    assert!(s.cli(&["agent", "enable", "bot"]).status.success());
+    assert_eq!(s.resolve(&token, "k").await.0, 200);
+    let id = alerts[0]["id"].as_str().unwrap();
+    assert!(s.cli(&["alerts", "ack", id]).status.success());
+    assert!(ok_json(s.cli(&["--json", "alerts"]))["alerts"].as_array().unwrap().iter().all(|a| a["id"] != id));
+    assert!(lines(&s, &["--action", "alert.denial_burst"]).len() == 1);
+    assert!(lines(&s, &["--action", "agent.quarantined"]).len() == 1);
 }

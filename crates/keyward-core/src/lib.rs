@@ -3,6 +3,7 @@
 //! decrypted. It knows no HTTP and no SQL dialect.
 #![forbid(unsafe_code)]
 
+pub mod anomaly;
 pub mod audit;
 pub mod audit_writer;
 mod cache;

@@ -182,6 +182,18 @@ pub trait Store: Send + Sync + 'static {
     /// Every checkpoint, in sequence order.
     async fn list_checkpoints(&self) -> StoreResult<Vec<crate::checkpoint::Checkpoint>>;
 
+    // Alerts (anomaly detection).
+    async fn add_alert(&self, alert: &crate::anomaly::Alert) -> StoreResult<()>;
+    /// Newest first; acknowledged ones only with `include_acknowledged`.
+    async fn list_alerts(
+        &self,
+        org_id: &str,
+        include_acknowledged: bool,
+        limit: u32,
+    ) -> StoreResult<Vec<crate::anomaly::Alert>>;
+    /// `false` if there is no such unacknowledged alert in the org.
+    async fn ack_alert(&self, org_id: &str, id: &str, by: &str, at: OffsetDateTime) -> StoreResult<bool>;
+
     // Moving data between stores.
     /// Every table but the audit trail, read in one transaction.
     async fn export_state(&self) -> StoreResult<StateSnapshot>;

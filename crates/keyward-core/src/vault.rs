@@ -20,6 +20,7 @@ use crate::seal::{Argon2Params, SealConfig, SealError};
 use crate::store::{AuditQuery, Store, StoreError};
 use crate::token::{self, Token, TokenKind};
 
+mod anomalies;
 mod auto_rotate;
 mod checkpoints;
 pub use auto_rotate::AutoRotated;
@@ -238,6 +239,7 @@ pub struct Vault {
     reminded: std::sync::Mutex<std::collections::HashMap<(String, &'static str), i64>>,
     rotation: RotationState,
     gate: std::sync::OnceLock<Arc<dyn crate::notify::AccessGate>>,
+    anomalies: anomalies::AnomalyState,
     /// The audit checkpoint key, once loaded with the master key.
     signer: RwLock<Option<Arc<crate::checkpoint::CheckpointSigner>>>,
 }
@@ -359,6 +361,7 @@ impl Vault {
             rotation: RotationState::default(),
             signer: RwLock::new(None),
             gate: std::sync::OnceLock::new(),
+            anomalies: Default::default(),
         });
         if let Some(mut changes) = vault.store.watch_changes() {
             let weak = Arc::downgrade(&vault);
@@ -625,7 +628,14 @@ impl Vault {
 
     /// Writes one event and waits for its commit; failure refuses the access.
     async fn audit_now(&self, draft: AuditDraft) -> Result<i64, CoreError> {
-        self.audit.append(draft).await.map_err(CoreError::AuditUnavailable)
+        let watched = matches!(draft.action.as_str(), "secret.resolve" | "secret.proxy") && draft.actor.kind == "agent";
+        if !watched || self.anomalies.tx.get().is_none() {
+            return self.audit.append(draft).await.map_err(CoreError::AuditUnavailable);
+        }
+        let copy = draft.clone();
+        let seq = self.audit.append(draft).await.map_err(CoreError::AuditUnavailable)?;
+        self.feed_detector(&copy, seq);
+        Ok(seq)
     }
 
     // ---- authentication -------------------------------------------------
@@ -664,10 +674,10 @@ impl Vault {
         &self,
         presented: &str,
         source_ip: Option<&str>,
-    ) -> Result<Result<(Agent, AgentToken), &'static str>, CoreError> {
+    ) -> Result<Result<(Agent, AgentToken), (&'static str, Option<(Agent, AgentToken)>)>, CoreError> {
         match token::parse(presented) {
-            Err(_) => return Ok(Err("invalid_token")),
-            Ok(TokenKind::User) => return Ok(Err("wrong_token_kind")),
+            Err(_) => return Ok(Err(("invalid_token", None))),
+            Ok(TokenKind::User) => return Ok(Err(("wrong_token_kind", None))),
             Ok(TokenKind::Agent) => {}
         }
         let hash = token::hash_token(presented);
@@ -682,23 +692,28 @@ impl Vault {
             }
         };
         let Some((agent, tok)) = found.filter(|(_, t)| token::hashes_equal(&t.hash, &hash)) else {
-            return Ok(Err("unknown_token"));
+            return Ok(Err(("unknown_token", None)));
         };
-        if tok.revoked {
-            return Ok(Err("token_revoked"));
-        }
-        if tok.expires_at.is_some_and(|e| e <= self.now()) {
-            return Ok(Err("token_expired"));
-        }
-        if agent.disabled {
-            return Ok(Err("agent_disabled"));
+        // A known token that may no longer be used: the denial names its
+        // agent (a dead token in use is worth an alert).
+        let dead = if tok.revoked {
+            Some("token_revoked")
+        } else if tok.expires_at.is_some_and(|e| e <= self.now()) {
+            Some("token_expired")
+        } else if agent.disabled {
+            Some("agent_disabled")
+        } else {
+            None
+        };
+        if let Some(reason) = dead {
+            return Ok(Err((reason, Some((agent, tok)))));
         }
         if !agent.allow_from.is_empty() {
             let ip = source_ip.and_then(|s| s.parse::<std::net::IpAddr>().ok());
             let inside = ip
                 .is_some_and(|ip| agent.allow_from.iter().filter_map(|c| Cidr::parse(c).ok()).any(|c| c.contains(ip)));
             if !inside {
-                return Ok(Err("source_not_allowed"));
+                return Ok(Err(("source_not_allowed", Some((agent, tok)))));
             }
         }
         Ok(Ok((agent, tok)))
@@ -782,8 +797,17 @@ impl Vault {
         };
         let (agent, tok) = match self.agent_for_token(presented_token, meta.source_ip.as_deref()).await? {
             Ok(found) => found,
-            Err(reason) => {
+            Err((reason, known)) => {
                 draft.actor = Actor::anonymous();
+                if let Some((agent, tok)) = known {
+                    draft.org_id = Some(agent.org_id.clone());
+                    draft.actor = Actor {
+                        kind: "agent".into(),
+                        id: Some(agent.id),
+                        name: Some(agent.name),
+                        token_id: Some(tok.id),
+                    };
+                }
                 draft.reason = Some(reason.into());
                 self.count_use(mode, false);
                 self.audit_failure(draft).await?;

@@ -55,6 +55,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit/export", get(h::export_audit))
         .route("/v1/audit/checkpoints", get(h::audit_checkpoints))
         .route("/v1/audit/prune", post(h::prune_audit))
+        .route("/v1/orgs/{org}/alerts", get(h::list_alerts))
+        .route("/v1/orgs/{org}/alerts/{id}/ack", post(h::ack_alert))
+        .route("/v1/orgs/{org}/anomaly-policy", get(h::anomaly_policy).put(h::set_anomaly_policy))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")

@@ -662,6 +662,58 @@ pub async fn prune_audit(
     ok(s.vault.prune_audit(&p, before, req.dry_run, &meta).await?)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+pub async fn list_alerts(
+    State(s): State<AppState>,
+    Path(org): Path<String>,
+    Admin(p, _): Admin,
+    ApiQuery(q): ApiQuery<AlertsQuery>,
+) -> ApiResult {
+    ok(json!({"alerts": s.vault.list_alerts(&p, &org, q.all).await?}))
+}
+
+pub async fn ack_alert(
+    State(s): State<AppState>,
+    Path((org, id)): Path<(String, String)>,
+    Admin(p, meta): Admin,
+) -> ApiResult {
+    s.vault.ack_alert(&p, &org, &id, &meta).await?;
+    ok(json!({"acknowledged": id}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyScope {
+    agent: Option<String>,
+}
+
+pub async fn anomaly_policy(
+    State(s): State<AppState>,
+    Path(org): Path<String>,
+    Admin(p, _): Admin,
+    ApiQuery(q): ApiQuery<PolicyScope>,
+) -> ApiResult {
+    let (stored, effective) = s.vault.anomaly_policy(&p, &org, q.agent.as_deref()).await?;
+    ok(json!({"agent": q.agent, "stored": stored, "effective": effective}))
+}
+
+pub async fn set_anomaly_policy(
+    State(s): State<AppState>,
+    Path(org): Path<String>,
+    Admin(p, meta): Admin,
+    ApiQuery(q): ApiQuery<PolicyScope>,
+    ApiJson(patch): ApiJson<keyward_core::anomaly::AnomalyPolicy>,
+) -> ApiResult {
+    let (stored, effective) = s.vault.set_anomaly_policy(&p, &org, q.agent.as_deref(), patch, &meta).await?;
+    ok(json!({"agent": q.agent, "stored": stored, "effective": effective}))
+}
+
 pub async fn audit_checkpoints(State(s): State<AppState>, Admin(p, _): Admin) -> ApiResult {
     ok(json!({"checkpoints": s.vault.export_checkpoints(&p).await?}))
 }

@@ -86,6 +86,10 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
         "Retention: delete events older than {before} ({dry_run?}); a signed checkpoint anchors the rest (operator token)",
         "user",
     ),
+    ("get", "/v1/orgs/{org}/alerts", "Anomaly alerts, newest first (?all=true: acknowledged too)", "user"),
+    ("post", "/v1/orgs/{org}/alerts/{id}/ack", "Acknowledge an alert", "user"),
+    ("get", "/v1/orgs/{org}/anomaly-policy", "Anomaly rules of the org or ?agent=NAME: stored and effective", "user"),
+    ("put", "/v1/orgs/{org}/anomaly-policy", "Merge rule settings into the org's or ?agent=NAME's policy", "user"),
 ];
 
 pub fn document() -> Value {

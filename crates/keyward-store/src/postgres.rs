@@ -34,6 +34,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "audit_checkpoints",
         sql: include_str!("../migrations/postgres/0006_audit_checkpoints.sql"),
     },
+    Migration { version: 7, name: "alerts", sql: include_str!("../migrations/postgres/0007_alerts.sql") },
 ];
 
 /// Channel carrying cache invalidations between replicas.

@@ -564,6 +564,7 @@ pub(crate) const TABLE_COUNTS: &[(&str, &str)] = &[
     ("user_tokens", "SELECT COUNT(*) FROM user_tokens"),
     ("audit_events", "SELECT COUNT(*) FROM audit_events"),
     ("audit_checkpoints", "SELECT COUNT(*) FROM audit_checkpoints"),
+    ("alerts", "SELECT COUNT(*) FROM alerts"),
 ];
 
 pub(crate) const AUDIT_COLUMNS: &str = "seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, secret_id, \

@@ -35,6 +35,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "audit_checkpoints",
         sql: include_str!("../migrations/sqlite/0006_audit_checkpoints.sql"),
     },
+    Migration { version: 7, name: "alerts", sql: include_str!("../migrations/sqlite/0007_alerts.sql") },
 ];
 
 pub struct SqliteStore {

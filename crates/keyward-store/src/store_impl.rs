@@ -536,6 +536,79 @@ macro_rules! store_impl {
                     .collect()
             }
 
+            async fn add_alert(&self, a: &keyward_core::anomaly::Alert) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO alerts (id, org_id, rule, agent_id, agent_name, event_seq, time, detail, \
+                     acknowledged_at, acknowledged_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                )
+                .bind(&a.id)
+                .bind(&a.org_id)
+                .bind(&a.rule)
+                .bind(&a.agent_id)
+                .bind(&a.agent_name)
+                .bind(a.event_seq)
+                .bind(micros(a.time))
+                .bind(&a.detail)
+                .bind(opt_micros(a.acknowledged_at))
+                .bind(&a.acknowledged_by)
+                .execute(self.writer())
+                .await
+                .map_err(map_err)?;
+                Ok(())
+            }
+
+            async fn list_alerts(
+                &self,
+                org_id: &str,
+                include_acknowledged: bool,
+                limit: u32,
+            ) -> StoreResult<Vec<keyward_core::anomaly::Alert>> {
+                let rows = sqlx::query(
+                    "SELECT * FROM alerts WHERE org_id = $1 AND ($2 OR acknowledged_at IS NULL) \
+                     ORDER BY time DESC, id DESC LIMIT $3",
+                )
+                .bind(org_id)
+                .bind(include_acknowledged)
+                .bind(i64::from(limit.max(1)))
+                .fetch_all(self.reader())
+                .await
+                .map_err(map_err)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(keyward_core::anomaly::Alert {
+                            id: r.try_get("id").map_err(corrupt)?,
+                            org_id: r.try_get("org_id").map_err(corrupt)?,
+                            rule: r.try_get("rule").map_err(corrupt)?,
+                            agent_id: r.try_get("agent_id").map_err(corrupt)?,
+                            agent_name: r.try_get("agent_name").map_err(corrupt)?,
+                            event_seq: r.try_get("event_seq").map_err(corrupt)?,
+                            time: from_micros(r.try_get("time").map_err(corrupt)?),
+                            detail: r.try_get("detail").map_err(corrupt)?,
+                            acknowledged_at: r
+                                .try_get::<Option<i64>, _>("acknowledged_at")
+                                .map_err(corrupt)?
+                                .map(from_micros),
+                            acknowledged_by: r.try_get("acknowledged_by").map_err(corrupt)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn ack_alert(&self, org_id: &str, id: &str, by: &str, at: OffsetDateTime) -> StoreResult<bool> {
+                let done = sqlx::query(
+                    "UPDATE alerts SET acknowledged_at = $1, acknowledged_by = $2 \
+                     WHERE org_id = $3 AND id = $4 AND acknowledged_at IS NULL",
+                )
+                .bind(micros(at))
+                .bind(by)
+                .bind(org_id)
+                .bind(id)
+                .execute(self.writer())
+                .await
+                .map_err(map_err)?;
+                Ok(done.rows_affected() == 1)
+            }
+
             async fn export_state(&self) -> StoreResult<StateSnapshot> {
                 let mut tx = self.writer().begin().await.map_err(map_err)?;
                 let s = export_state_from(&mut tx).await?;

@@ -367,3 +367,103 @@ async fn sqlite_automated_rotation() {
 async fn postgres_automated_rotation() {
     automated_rotation(postgres().await).await;
 }
+
+/// Records notification events.
+#[derive(Default)]
+struct Captured(std::sync::Mutex<Vec<String>>);
+
+impl keyward_core::notify::Notifier for Captured {
+    fn send(&self, n: keyward_core::notify::Notification) {
+        self.0.lock().unwrap().push(n.event);
+    }
+}
+
+async fn anomaly_rules_fire_and_quarantine(e: Env) {
+    use keyward_core::anomaly::AnomalyPolicy;
+    let notes = Arc::new(Captured::default());
+    e.vault.set_notifier(notes.clone());
+    e.vault.start_anomaly_detection();
+    e.put("k", "value-k-11111111", None, None).await;
+    let from = |ip: &str| RequestMeta { source_ip: Some(ip.into()), ..RequestMeta::default() };
+    let m = RequestMeta::default();
+    let use_from = async |token: &str, ip: &str, secret: &str| {
+        e.vault.use_secret(token, secret, UseMode::Reveal, None, &from(ip)).await.map(|_| ())
+    };
+    let rules = async || {
+        e.vault.flush_anomaly_detection().await;
+        let mut r: Vec<String> =
+            e.vault.list_alerts(&e.admin, "default", true).await.unwrap().into_iter().map(|a| a.rule).collect();
+        r.reverse();
+        r
+    };
+
+    // Twenty minutes of steady traffic: only the first use of the secret.
+    for _ in 0..20 {
+        for _ in 0..10 {
+            use_from(&e.token, "10.0.0.1", "k").await.unwrap();
+        }
+        e.clock.advance(Duration::minutes(1));
+    }
+    assert_eq!(rules().await, vec!["first_use"], "steady traffic stays quiet");
+
+    // A new source address; a burst of 60 in a minute; 5 denials.
+    use_from(&e.token, "10.0.0.2", "k").await.unwrap();
+    assert_eq!(rules().await.last().unwrap(), "new_source_ip");
+    for _ in 0..60 {
+        use_from(&e.token, "10.0.0.1", "k").await.unwrap();
+    }
+    assert_eq!(rules().await.last().unwrap(), "rate_spike");
+    for _ in 0..5 {
+        assert!(use_from(&e.token, "10.0.0.1", "not-granted").await.is_err());
+    }
+    assert_eq!(rules().await.last().unwrap(), "denial_burst");
+
+    // Use outside the agent's hours.
+    let hour = e.clock.now_for_tests().hour();
+    let hours = format!("{:02}-{:02}", (hour + 2) % 24, (hour + 3) % 24);
+    let outside = AnomalyPolicy { allowed_hours: Some(hours), ..AnomalyPolicy::default() };
+    e.vault.set_anomaly_policy(&e.admin, "default", Some("bot"), outside, &m).await.unwrap();
+    e.clock.advance(Duration::seconds(11));
+    use_from(&e.token, "10.0.0.1", "k").await.unwrap();
+    assert_eq!(rules().await.last().unwrap(), "outside_hours");
+    let any_hour = AnomalyPolicy { allowed_hours: Some("00-24".into()), ..AnomalyPolicy::default() };
+    e.vault.set_anomaly_policy(&e.admin, "default", Some("bot"), any_hour, &m).await.unwrap();
+
+    // A rotated-away token.
+    let (_, fresh) = e.vault.rotate_agent_token(&e.admin, "default", "bot", None, &m).await.unwrap();
+    e.clock.advance(Duration::seconds(11));
+    assert_eq!(use_from(&e.token, "10.0.0.1", "k").await.unwrap_err().code(), "token_expired");
+    assert_eq!(rules().await.last().unwrap(), "dead_token");
+
+    // Alerts are notified, audited, listed and acknowledged.
+    for rule in ["first_use", "new_source_ip", "rate_spike", "denial_burst", "outside_hours", "dead_token"] {
+        assert!(notes.0.lock().unwrap().contains(&format!("alert.{rule}")), "alert.{rule} not notified");
+    }
+    let open = e.vault.list_alerts(&e.admin, "default", false).await.unwrap();
+    assert_eq!(open.len(), 6);
+    e.vault.ack_alert(&e.admin, "default", &open[0].id, &m).await.unwrap();
+    assert_eq!(e.vault.list_alerts(&e.admin, "default", false).await.unwrap().len(), 5);
+    assert_eq!(e.vault.ack_alert(&e.admin, "default", &open[0].id, &m).await.unwrap_err().code(), "not_found");
+
+    // Quarantine: the next alert disables the agent until a human enables it.
+    let q = AnomalyPolicy { quarantine: Some(true), ..AnomalyPolicy::default() };
+    e.vault.set_anomaly_policy(&e.admin, "default", Some("bot"), q, &m).await.unwrap();
+    e.clock.advance(Duration::seconds(11));
+    let fresh = fresh.expose().to_owned();
+    use_from(&fresh, "192.0.2.9", "k").await.unwrap();
+    assert_eq!(rules().await.last().unwrap(), "new_source_ip");
+    assert_eq!(use_from(&fresh, "10.0.0.1", "k").await.unwrap_err().code(), "agent_disabled");
+    assert!(notes.0.lock().unwrap().contains(&"agent.quarantined".to_owned()));
+    e.vault.set_agent_disabled(&e.admin, "default", "bot", false, &m).await.unwrap();
+    use_from(&fresh, "10.0.0.1", "k").await.unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_anomaly_rules_fire_and_quarantine() {
+    anomaly_rules_fire_and_quarantine(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn postgres_anomaly_rules_fire_and_quarantine() {
+    anomaly_rules_fire_and_quarantine(postgres().await).await;
+}
