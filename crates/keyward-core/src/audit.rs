@@ -196,11 +196,15 @@ pub fn link(prev: &[u8; 32], seq: i64, e: &AuditDraft) -> [u8; 32] {
 
 /// Places a batch of drafts after `(last_seq, last_hash)`. Stores call this
 /// inside the transaction that holds the chain's tail.
-pub fn chain_batch(mut last_seq: i64, mut last_hash: [u8; 32], drafts: &[AuditDraft]) -> Vec<AuditRecord> {
+pub fn chain_batch(last_seq: i64, last_hash: [u8; 32], drafts: &[AuditDraft]) -> Vec<AuditRecord> {
+    chain_owned(last_seq, last_hash, drafts.to_vec())
+}
+
+/// [`chain_batch`] taking the drafts by value (the writer's hot path: no copy).
+pub fn chain_owned(mut last_seq: i64, mut last_hash: [u8; 32], drafts: Vec<AuditDraft>) -> Vec<AuditRecord> {
     drafts
-        .iter()
-        .map(|d| {
-            let mut event = d.clone();
+        .into_iter()
+        .map(|mut event| {
             event.time = normalise_time(event.time);
             last_seq += 1;
             let hash = link(&last_hash, last_seq, &event);

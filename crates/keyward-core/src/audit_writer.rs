@@ -59,20 +59,20 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<(AuditDraft, Reply)>)
                 Err(_) => break,
             }
         }
-        match store.append_audit(&drafts).await {
+        let events = drafts.len();
+        match store.append_audit(std::mem::take(&mut drafts)).await {
             Ok(records) => {
                 for (r, rec) in replies.drain(..).zip(records.iter().map(|r: &AuditRecord| r.seq)) {
                     let _ = r.send(Ok(rec));
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, events = drafts.len(), "audit append failed; refusing the accesses");
+                tracing::error!(error = %e, events, "audit append failed; refusing the accesses");
                 let msg = e.to_string();
                 for r in replies.drain(..) {
                     let _ = r.send(Err(msg.clone()));
                 }
             }
         }
-        drafts.clear();
     }
 }

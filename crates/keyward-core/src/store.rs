@@ -163,7 +163,7 @@ pub trait Store: Send + Sync + 'static {
     /// Appends a batch at the chain's tail in one transaction, computing
     /// sequence numbers and hashes with [`crate::audit::chain_batch`] while
     /// holding the tail, so concurrent appenders still form one chain.
-    async fn append_audit(&self, batch: &[AuditDraft]) -> StoreResult<Vec<AuditRecord>>;
+    async fn append_audit(&self, batch: Vec<AuditDraft>) -> StoreResult<Vec<AuditRecord>>;
     async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
     /// Events with `seq > after_seq` in ascending order, for verification.
     async fn audit_page(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<AuditRecord>>;

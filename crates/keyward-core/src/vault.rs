@@ -314,7 +314,7 @@ impl Vault {
             reason: Some(format!("seal={}", config.kind())),
             ..draft_base(now, Outcome::Allowed, &RequestMeta::default())
         };
-        store.append_audit(&[draft]).await?;
+        store.append_audit(vec![draft]).await?;
         let at = now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
         store.insert_meta(META_INITIALIZED, &at).await?;
         Ok(Initialized { admin_token, default_org: org })

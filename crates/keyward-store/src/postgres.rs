@@ -15,7 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow}
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
-use keyward_core::audit::{Actor, AuditDraft, AuditRecord, GENESIS_HASH, Outcome, chain_batch, from_micros};
+use keyward_core::audit::{Actor, AuditDraft, AuditRecord, GENESIS_HASH, Outcome, chain_owned, from_micros};
 use keyward_core::model::*;
 use keyward_core::store::{AuditQuery, StateSnapshot, Store, StoreError, StoreResult};
 

@@ -16,7 +16,7 @@ use sqlx::sqlite::{
 };
 use time::OffsetDateTime;
 
-use keyward_core::audit::{Actor, AuditDraft, AuditRecord, GENESIS_HASH, Outcome, chain_batch, from_micros};
+use keyward_core::audit::{Actor, AuditDraft, AuditRecord, GENESIS_HASH, Outcome, chain_owned, from_micros};
 use keyward_core::model::*;
 use keyward_core::store::{AuditQuery, StateSnapshot, Store, StoreError, StoreResult};
 

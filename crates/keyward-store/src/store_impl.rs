@@ -396,7 +396,7 @@ macro_rules! store_impl {
                 row.as_ref().map(user_token_from).transpose()
             }
 
-            async fn append_audit(&self, batch: &[AuditDraft]) -> StoreResult<Vec<AuditRecord>> {
+            async fn append_audit(&self, batch: Vec<AuditDraft>) -> StoreResult<Vec<AuditRecord>> {
                 let mut tx = self.writer().begin().await.map_err(map_err)?;
                 // Held until commit: one appender at a time (across every replica).
                 Self::lock_audit_tail(&mut tx).await?;
@@ -408,7 +408,7 @@ macro_rules! store_impl {
                     Some(r) => (r.try_get("seq").map_err(corrupt)?, hash32(r.try_get("hash").map_err(corrupt)?)?),
                     None => (0, GENESIS_HASH),
                 };
-                let records = chain_batch(last_seq, last_hash, batch);
+                let records = chain_owned(last_seq, last_hash, batch);
                 insert_audit(&mut tx, &records).await?;
                 tx.commit().await.map_err(map_err)?;
                 Ok(records)

@@ -199,7 +199,7 @@ async fn suite(store: Arc<dyn Store>) {
         tasks.push(tokio::spawn(async move {
             for i in 0..5 {
                 let batch: Vec<_> = (0..4).map(|j| draft(&format!("w{w}.{i}.{j}"))).collect();
-                st.append_audit(&batch).await.unwrap();
+                st.append_audit(batch.clone()).await.unwrap();
             }
         }));
     }
