@@ -52,6 +52,9 @@ pub enum Command {
     /// Human/admin tokens with a role in an organization.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Dashboard accounts (humans; password from a no-echo prompt or stdin).
+    #[command(subcommand)]
+    User(UserCmd),
     /// Stored keys: values go in, never out.
     #[command(subcommand)]
     Secret(SecretCmd),
@@ -389,6 +392,18 @@ pub struct AuditArgs {
     /// Keep printing new events as they happen (server-sent events).
     #[arg(long, short = 'f')]
     pub follow: bool,
+}
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Create an account; the password (12+ characters) comes from a
+    /// no-echo prompt or stdin.
+    Create {
+        name: String,
+        #[arg(long)]
+        role: String,
+    },
+    List,
 }
 
 #[derive(Args)]

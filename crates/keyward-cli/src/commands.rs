@@ -101,6 +101,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }) => verify_export_offline(&file, &key, json),
         Command::Audit(a) => audit(&Client::new(&conn)?, a, json).await,
         Command::Alerts(a) => alerts(&Client::new(&conn)?, a, json).await,
+        Command::User(cmd) => user(&Client::new(&conn)?, cmd, json).await,
         Command::Backup { file, database } => {
             let cfg = server_config(&conn, &ServerOpts { database, ..ServerOpts::default() })?;
             keyward_store::backup_sqlite(&cfg.database_url(), &file).await.map_err(setup)?;
@@ -717,6 +718,39 @@ async fn grant(c: &Client, cmd: GrantCmd, json: bool) -> Result<(), CliError> {
             let v = c.delete(&c.org_path(&format!("/grants/{}/{}", seg(&agent), seg(&secret)))).await?;
             if !json {
                 println!("removed the grant of {secret} to {agent}");
+                return Ok(());
+            }
+            v
+        }
+    };
+    print_json(&v);
+    Ok(())
+}
+
+async fn user(c: &Client, cmd: UserCmd, json: bool) -> Result<(), CliError> {
+    let v = match cmd {
+        UserCmd::Create { name, role } => {
+            let password = crate::input::read_value(None, &format!("Password for {name} (not echoed): "))?;
+            let body = json!({"name": name, "role": role, "password": password.as_str()});
+            let bytes = Zeroizing::new(serde_json::to_vec(&body).expect("json"));
+            drop(body);
+            let v = c.call(reqwest::Method::POST, &c.org_path("/users"), Some(bytes.to_vec())).await?;
+            if !json {
+                println!("created {} ({}) with role {}", s(&v["name"]), s(&v["id"]), s(&v["role"]));
+                return Ok(());
+            }
+            v
+        }
+        UserCmd::List => {
+            let v = c.get(&c.org_path("/users")).await?;
+            if !json {
+                let rows = v["users"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|u| vec![s(&u["name"]), s(&u["role"]), s(&u["id"]), s(&u["created_at"])])
+                    .collect();
+                table(&["NAME", "ROLE", "ID", "CREATED"], rows);
                 return Ok(());
             }
             v

@@ -213,6 +213,33 @@ pub struct Org {
     pub created_at: OffsetDateTime,
 }
 
+/// A human account for the dashboard. The password is kept only as an
+/// Argon2id hash, never serialized.
+#[derive(Debug, Clone, Serialize)]
+pub struct User {
+    pub id: String,
+    pub org_id: String,
+    pub name: String,
+    pub role: Role,
+    #[serde(skip)]
+    pub password_hash: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// A dashboard session: only the SHA-256 of its cookie is stored.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub hash: [u8; 32],
+    pub user_id: String,
+    /// The anti-CSRF token every state-changing form must echo.
+    pub csrf: String,
+    pub created_at: OffsetDateTime,
+    pub last_seen: OffsetDateTime,
+    /// Absolute end, whatever the activity.
+    pub expires_at: OffsetDateTime,
+}
+
 /// An organization as stored: with its data key, wrapped by the master key.
 #[derive(Clone)]
 pub struct OrgRecord {

@@ -6,7 +6,9 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::audit::{AuditDraft, AuditRecord, Outcome};
-use crate::model::{Agent, AgentToken, AutoRotation, Grant, Org, OrgRecord, Secret, SecretVersion, UserToken};
+use crate::model::{
+    Agent, AgentToken, AutoRotation, Grant, Org, OrgRecord, Secret, SecretVersion, Session, User, UserToken,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -181,6 +183,25 @@ pub trait Store: Send + Sync + 'static {
     async fn add_checkpoint(&self, cp: &crate::checkpoint::Checkpoint) -> StoreResult<bool>;
     /// Every checkpoint, in sequence order.
     async fn list_checkpoints(&self) -> StoreResult<Vec<crate::checkpoint::Checkpoint>>;
+
+    // Dashboard accounts and sessions.
+    /// `Duplicate` if the name is taken.
+    async fn create_user(&self, user: &User) -> StoreResult<()>;
+    async fn user_by_name(&self, name: &str) -> StoreResult<Option<User>>;
+    async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>>;
+    async fn list_users(&self) -> StoreResult<Vec<User>>;
+    async fn create_session(&self, session: &Session) -> StoreResult<()>;
+    async fn session_by_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<Session>>;
+    async fn touch_session(&self, hash: &[u8; 32], at: OffsetDateTime) -> StoreResult<()>;
+    async fn delete_session(&self, hash: &[u8; 32]) -> StoreResult<()>;
+    /// Allowed uses of secrets (resolve and proxy) per UTC day since
+    /// `since`, in one org, optionally of one secret: (unix day, count).
+    async fn uses_per_day(
+        &self,
+        org_id: &str,
+        secret_id: Option<&str>,
+        since: OffsetDateTime,
+    ) -> StoreResult<Vec<(i64, i64)>>;
 
     // Alerts (anomaly detection).
     async fn add_alert(&self, alert: &crate::anomaly::Alert) -> StoreResult<()>;

@@ -82,6 +82,11 @@ pub fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.ct_eq(b).into()
 }
 
+/// Constant-time equality of two byte strings (lengths are not secret).
+pub fn hashes_equal_slices(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
 /// Big-endian base62 of `bytes`, left-padded with '0' to `width`.
 fn encode_fixed(bytes: &[u8], width: usize) -> Zeroizing<String> {
     let mut digits = Zeroizing::new(bytes.to_vec());

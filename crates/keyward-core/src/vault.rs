@@ -23,8 +23,10 @@ use crate::token::{self, Token, TokenKind};
 mod anomalies;
 mod auto_rotate;
 mod checkpoints;
+mod users;
 pub use auto_rotate::AutoRotated;
 pub use checkpoints::{AuditExportPage, CheckpointPolicy, PruneReport};
+pub use users::{Login, SESSION_IDLE, SESSION_MAX, SessionInfo};
 
 /// Largest value keyward stores.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;

@@ -35,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/resolve/{secret}", get(h::resolve))
         .route("/v1/orgs", get(h::list_orgs).post(h::create_org))
         .route("/v1/orgs/{org}/tokens", post(h::create_token))
+        .route("/v1/orgs/{org}/users", get(h::list_users).post(h::create_user))
         .route("/v1/orgs/{org}/secrets", get(h::list_secrets).post(h::put_secret))
         .route("/v1/orgs/{org}/secrets/{secret}", get(h::show_secret).delete(h::delete_secret))
         .route("/v1/orgs/{org}/secrets/{secret}/rotate", post(h::rotate_secret))
@@ -58,6 +59,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{org}/alerts", get(h::list_alerts))
         .route("/v1/orgs/{org}/alerts/{id}/ack", post(h::ack_alert))
         .route("/v1/orgs/{org}/anomaly-policy", get(h::anomaly_policy).put(h::set_anomaly_policy))
+        // The dashboard (server-rendered pages; see keyward-dashboard).
+        .nest_service("/ui", keyward_dashboard::router(state.vault.clone()))
+        .route("/", get(|| async { axum::response::Redirect::to("/ui/") }))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")

@@ -714,6 +714,28 @@ pub async fn set_anomaly_policy(
     ok(json!({"agent": q.agent, "stored": stored, "effective": effective}))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    name: String,
+    role: String,
+    password: WriteOnly,
+}
+
+pub async fn create_user(
+    State(s): State<AppState>,
+    Path(org): Path<String>,
+    Admin(p, meta): Admin,
+    ApiJson(req): ApiJson<CreateUser>,
+) -> ApiResult {
+    let role = Role::parse(&req.role)?;
+    created(s.vault.create_user(&p, &org, &req.name, role, req.password.0, &meta).await?)
+}
+
+pub async fn list_users(State(s): State<AppState>, Path(org): Path<String>, Admin(p, _): Admin) -> ApiResult {
+    ok(json!({"users": s.vault.list_users(&p, &org).await?}))
+}
+
 pub async fn audit_checkpoints(State(s): State<AppState>, Admin(p, _): Admin) -> ApiResult {
     ok(json!({"checkpoints": s.vault.export_checkpoints(&p).await?}))
 }

@@ -5,6 +5,7 @@ use serde_json::{Value, json};
 
 /// (method, path, summary, auth) for every route.
 pub const ROUTES: &[(&str, &str, &str, &str)] = &[
+    ("get", "/", "Redirects to the dashboard, /ui/ (server-rendered pages; sessions, not tokens)", "none"),
     ("get", "/healthz", "Liveness probe", "none"),
     ("get", "/openapi.json", "This document", "none"),
     ("get", "/v1/sys/status", "Seal state, backend, version", "none"),
@@ -26,6 +27,8 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("get", "/v1/orgs", "List organizations", "user"),
     ("post", "/v1/orgs", "Create an organization (operator token)", "user"),
     ("post", "/v1/orgs/{org}/tokens", "Create a human token with a role (owner)", "user"),
+    ("get", "/v1/orgs/{org}/users", "Dashboard accounts of the org", "user"),
+    ("post", "/v1/orgs/{org}/users", "Create a dashboard account: {name, role, password} (owner)", "user"),
     ("get", "/v1/orgs/{org}/secrets", "List secrets (metadata only)", "user"),
     ("post", "/v1/orgs/{org}/secrets", "Store a secret (value is write-only)", "user"),
     ("get", "/v1/orgs/{org}/secrets/{secret}", "Show a secret's metadata", "user"),

@@ -40,6 +40,9 @@ pub async fn copy_store(from: &dyn Store, to: &dyn Store) -> StoreResult<CopyRep
     for cp in from.list_checkpoints().await? {
         to.add_checkpoint(&cp).await?;
     }
+    for user in from.list_users().await? {
+        to.create_user(&user).await?;
+    }
     for org in &snapshot.orgs {
         for alert in from.list_alerts(&org.org.id, true, u32::MAX).await? {
             to.add_alert(&alert).await?;

@@ -35,6 +35,7 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/postgres/0006_audit_checkpoints.sql"),
     },
     Migration { version: 7, name: "alerts", sql: include_str!("../migrations/postgres/0007_alerts.sql") },
+    Migration { version: 8, name: "users", sql: include_str!("../migrations/postgres/0008_users.sql") },
 ];
 
 /// Channel carrying cache invalidations between replicas.

@@ -37,6 +37,18 @@ macro_rules! row_mappers {
             })
         }
 
+        fn user_from(r: &$row) -> StoreResult<User> {
+            let role: String = r.try_get("role").map_err(corrupt)?;
+            Ok(User {
+                id: r.try_get("id").map_err(corrupt)?,
+                org_id: r.try_get("org_id").map_err(corrupt)?,
+                name: r.try_get("name").map_err(corrupt)?,
+                role: Role::parse(&role).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                password_hash: r.try_get("password_hash").map_err(corrupt)?,
+                created_at: from_micros(r.try_get("created_at").map_err(corrupt)?),
+            })
+        }
+
         fn version_from(r: &$row) -> StoreResult<SecretVersion> {
             let state: String = r.try_get("state").map_err(corrupt)?;
             Ok(SecretVersion {
@@ -565,6 +577,7 @@ pub(crate) const TABLE_COUNTS: &[(&str, &str)] = &[
     ("audit_events", "SELECT COUNT(*) FROM audit_events"),
     ("audit_checkpoints", "SELECT COUNT(*) FROM audit_checkpoints"),
     ("alerts", "SELECT COUNT(*) FROM alerts"),
+    ("users", "SELECT COUNT(*) FROM users"),
 ];
 
 pub(crate) const AUDIT_COLUMNS: &str = "seq, time, org_id, actor_kind, actor_id, actor_name, token_id, action, secret_id, \

@@ -36,6 +36,7 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/sqlite/0006_audit_checkpoints.sql"),
     },
     Migration { version: 7, name: "alerts", sql: include_str!("../migrations/sqlite/0007_alerts.sql") },
+    Migration { version: 8, name: "users", sql: include_str!("../migrations/sqlite/0008_users.sql") },
 ];
 
 pub struct SqliteStore {

@@ -536,6 +536,127 @@ macro_rules! store_impl {
                     .collect()
             }
 
+            async fn create_user(&self, u: &User) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO users (id, org_id, name, role, password_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&u.id)
+                .bind(&u.org_id)
+                .bind(&u.name)
+                .bind(u.role.as_str())
+                .bind(&u.password_hash)
+                .bind(micros(u.created_at))
+                .execute(self.writer())
+                .await
+                .map_err(map_err)?;
+                Ok(())
+            }
+
+            async fn user_by_name(&self, name: &str) -> StoreResult<Option<User>> {
+                let row = sqlx::query("SELECT * FROM users WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                row.as_ref().map(user_from).transpose()
+            }
+
+            async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>> {
+                let row = sqlx::query("SELECT * FROM users WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                row.as_ref().map(user_from).transpose()
+            }
+
+            async fn list_users(&self) -> StoreResult<Vec<User>> {
+                let rows = sqlx::query("SELECT * FROM users ORDER BY name")
+                    .fetch_all(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                rows.iter().map(user_from).collect()
+            }
+
+            async fn create_session(&self, s: &Session) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO sessions (hash, user_id, csrf, created_at, last_seen, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&s.hash[..])
+                .bind(&s.user_id)
+                .bind(&s.csrf)
+                .bind(micros(s.created_at))
+                .bind(micros(s.last_seen))
+                .bind(micros(s.expires_at))
+                .execute(self.writer())
+                .await
+                .map_err(map_err)?;
+                Ok(())
+            }
+
+            async fn session_by_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<Session>> {
+                let row = sqlx::query("SELECT * FROM sessions WHERE hash = $1")
+                    .bind(&hash[..])
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(map_err)?;
+                row.map(|r| {
+                    Ok(Session {
+                        hash: hash32(r.try_get("hash").map_err(corrupt)?)?,
+                        user_id: r.try_get("user_id").map_err(corrupt)?,
+                        csrf: r.try_get("csrf").map_err(corrupt)?,
+                        created_at: from_micros(r.try_get("created_at").map_err(corrupt)?),
+                        last_seen: from_micros(r.try_get("last_seen").map_err(corrupt)?),
+                        expires_at: from_micros(r.try_get("expires_at").map_err(corrupt)?),
+                    })
+                })
+                .transpose()
+            }
+
+            async fn touch_session(&self, hash: &[u8; 32], at: OffsetDateTime) -> StoreResult<()> {
+                sqlx::query("UPDATE sessions SET last_seen = $1 WHERE hash = $2")
+                    .bind(micros(at))
+                    .bind(&hash[..])
+                    .execute(self.writer())
+                    .await
+                    .map_err(map_err)?;
+                Ok(())
+            }
+
+            async fn delete_session(&self, hash: &[u8; 32]) -> StoreResult<()> {
+                sqlx::query("DELETE FROM sessions WHERE hash = $1")
+                    .bind(&hash[..])
+                    .execute(self.writer())
+                    .await
+                    .map_err(map_err)?;
+                Ok(())
+            }
+
+            async fn uses_per_day(
+                &self,
+                org_id: &str,
+                secret_id: Option<&str>,
+                since: OffsetDateTime,
+            ) -> StoreResult<Vec<(i64, i64)>> {
+                let rows = sqlx::query(
+                    "SELECT CAST(time / 86400000000 AS BIGINT) AS day, COUNT(*) AS n FROM audit_events \
+                     WHERE org_id = $1 AND time >= $2 AND outcome = 'allowed' \
+                     AND action IN ('secret.resolve', 'secret.proxy') \
+                     AND (CAST($3 AS TEXT) IS NULL OR secret_id = $3) \
+                     GROUP BY CAST(time / 86400000000 AS BIGINT) ORDER BY day",
+                )
+                .bind(org_id)
+                .bind(micros(since))
+                .bind(secret_id)
+                .fetch_all(self.reader())
+                .await
+                .map_err(map_err)?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get("day").map_err(corrupt)?, r.try_get("n").map_err(corrupt)?)))
+                    .collect()
+            }
+
             async fn add_alert(&self, a: &keyward_core::anomaly::Alert) -> StoreResult<()> {
                 sqlx::query(
                     "INSERT INTO alerts (id, org_id, rule, agent_id, agent_name, event_seq, time, detail, \
