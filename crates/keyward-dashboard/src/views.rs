@@ -32,7 +32,8 @@ pub struct Nav {
 /// An inline SVG bar chart of uses per day (no script, CSP-safe).
 pub fn chart(days: &[(OffsetDateTime, i64)]) -> String {
     let (w, h) = (600.0_f64, 100.0_f64);
-    let max = days.iter().map(|d| d.1).max().unwrap_or(0).max(1) as f64;
+    let peak = days.iter().map(|d| d.1).max().unwrap_or(0);
+    let max = peak.max(1) as f64;
     let bar = w / days.len().max(1) as f64;
     let mut svg = format!(
         "<svg class=\"chart\" viewBox=\"0 0 {w} {}\" role=\"img\" aria-label=\"uses per day, last {} days\">",
@@ -52,7 +53,7 @@ pub fn chart(days: &[(OffsetDateTime, i64)]) -> String {
         ));
     }
     let total: i64 = days.iter().map(|d| d.1).sum();
-    svg.push_str(&format!("<text x=\"0\" y=\"{}\">{total} uses, peak {max} a day</text></svg>", h + 12.0));
+    svg.push_str(&format!("<text x=\"0\" y=\"{}\">{total} uses, peak {peak} a day</text></svg>", h + 12.0));
     svg
 }
 

@@ -467,3 +467,58 @@ async fn sqlite_anomaly_rules_fire_and_quarantine() {
 async fn postgres_anomaly_rules_fire_and_quarantine() {
     anomaly_rules_fire_and_quarantine(postgres().await).await;
 }
+
+async fn sessions_time_out(e: Env) {
+    use keyward_core::model::Role;
+    use zeroize::Zeroizing;
+    let m = RequestMeta { source_ip: Some("192.0.2.7".into()), ..RequestMeta::default() };
+    let pw = || Zeroizing::new("correct horse battery staple".to_owned());
+    e.vault.create_user(&e.admin, "default", "olivia", Role::Owner, pw(), &m).await.unwrap();
+    let short = e.vault.create_user(&e.admin, "default", "x", Role::Admin, Zeroizing::new("short".into()), &m).await;
+    assert_eq!(short.unwrap_err().code(), "invalid_input");
+
+    // Idle timeout: 30 minutes without a request ends the session.
+    let login = e.vault.login("olivia", pw(), &m).await.unwrap();
+    let s = e.vault.session(&login.cookie).await.unwrap().expect("live");
+    assert_eq!((s.principal.role, s.user.name.as_str()), (Role::Owner, "olivia"));
+    e.clock.advance(Duration::minutes(29));
+    assert!(e.vault.session(&login.cookie).await.unwrap().is_some());
+    e.clock.advance(Duration::minutes(29));
+    assert!(e.vault.session(&login.cookie).await.unwrap().is_some(), "activity keeps it alive");
+    e.clock.advance(Duration::minutes(31));
+    assert!(e.vault.session(&login.cookie).await.unwrap().is_none(), "idle timeout");
+
+    // Absolute timeout: 12 hours, however active.
+    let login = e.vault.login("olivia", pw(), &m).await.unwrap();
+    for _ in 0..35 {
+        e.clock.advance(Duration::minutes(20));
+        assert!(e.vault.session(&login.cookie).await.unwrap().is_some());
+    }
+    e.clock.advance(Duration::minutes(21));
+    assert!(e.vault.session(&login.cookie).await.unwrap().is_none(), "absolute timeout");
+
+    // Logout ends it; failed logins are audited, then rate-limited.
+    let login = e.vault.login("olivia", pw(), &m).await.unwrap();
+    e.vault.logout(&login.cookie, &m).await.unwrap();
+    assert!(e.vault.session(&login.cookie).await.unwrap().is_none());
+    let mut codes = Vec::new();
+    for _ in 0..35 {
+        let bad = e.vault.login("olivia", Zeroizing::new("wrong password!".into()), &m).await;
+        codes.push(bad.err().unwrap().code());
+    }
+    assert_eq!(codes[0], "bad_credentials");
+    assert_eq!(*codes.last().unwrap(), "rate_limited");
+    let q = keyward_core::store::AuditQuery { action: Some("auth.login".into()), limit: 100, ..Default::default() };
+    let failures = e.vault.store().query_audit(&q).await.unwrap();
+    assert!(!failures.is_empty() && failures.len() < 35, "audited up to the limit: {}", failures.len());
+}
+
+#[tokio::test]
+async fn sqlite_sessions_time_out() {
+    sessions_time_out(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn postgres_sessions_time_out() {
+    sessions_time_out(postgres().await).await;
+}
