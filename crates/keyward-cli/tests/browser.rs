@@ -67,7 +67,9 @@ async fn dashboard_in_headless_chromium() {
     ] {
         assert!(stdout.contains(&format!("ok: {step}")), "{step} missing:\n{stdout}");
     }
-    println!("dashboard screenshots: {}", shots.canonicalize().unwrap().display());
+    // Straight to the process's stdout: the test harness captures println!.
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "dashboard screenshots: {}", shots.canonicalize().unwrap().display());
     for name in ["desktop-overview", "desktop-secret", "desktop-audit", "phone-secrets", "phone-secret"] {
         assert!(shots.join(format!("{name}.png")).metadata().unwrap().len() > 1000, "{name}.png");
     }

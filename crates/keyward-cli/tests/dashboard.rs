@@ -143,6 +143,8 @@ async fn dashboard(b: Backend) {
     assert!(created.contains("kwa_"), "the new agent's token is shown once");
     let (_, again) = admin.get("/ui/agents").await;
     assert!(!again.contains("kwa_"), "and never again");
+    let helper = again.split("<td>helper</td>").nth(1).expect("helper listed");
+    assert!(helper.split("</tr>").next().unwrap().contains(" UTC"), "its token expiry is shown");
     // A form without its CSRF token changes nothing.
     assert_eq!(admin.post("/ui/agents/bot/disable", &[("csrf", "forged")]).await.0, 403);
     assert_eq!(s.resolve(&token, "generic-k").await.0, 200, "still enabled");

@@ -1391,6 +1391,26 @@ impl Vault {
         Ok((agent, grants))
     }
 
+    /// When each agent's token next expires (live tokens only; an agent
+    /// absent from the map has tokens that never expire).
+    pub async fn agent_token_expiry(
+        &self,
+        p: &Principal,
+        org: &str,
+    ) -> Result<std::collections::HashMap<String, OffsetDateTime>, CoreError> {
+        self.ensure_unsealed()?;
+        let org = self.org_for(p, org).await?;
+        let now = self.now();
+        let mut out: std::collections::HashMap<String, OffsetDateTime> = std::collections::HashMap::new();
+        for (agent, tok) in self.store.expiring_agent_tokens(now + time::Duration::days(365 * 100)).await? {
+            if let Some(e) = tok.expires_at.filter(|e| *e > now && agent.org_id == org.id) {
+                let soonest = out.get(&agent.id).map_or(e, |x| (*x).min(e));
+                out.insert(agent.id, soonest);
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn set_agent_disabled(
         &self,
         p: &Principal,

@@ -362,10 +362,12 @@ async fn agents_page(v: &Vault, h: &Human, new_token: Option<(String, String)>) 
     let (p, org) = (h.p(), h.org());
     let agents = v.list_agents(p, org).await.map_err(core_error)?;
     let grants = v.list_grants(p, org, None, None).await.map_err(core_error)?;
+    let expiry = v.agent_token_expiry(p, org).await.map_err(core_error)?;
     let rows = agents
         .iter()
         .map(|a| views::AgentRow {
             name: a.name.clone(),
+            token_expires: expiry.get(&a.id).map_or("never".into(), |t| when(Some(*t))),
             disabled: a.disabled,
             allow_from: if a.allow_from.is_empty() { "anywhere".into() } else { a.allow_from.join(", ") },
             created: when(Some(a.created_at)),

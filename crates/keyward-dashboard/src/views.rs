@@ -168,6 +168,7 @@ pub struct SecretDetail {
 
 pub struct AgentRow {
     pub name: String,
+    pub token_expires: String,
     pub disabled: bool,
     pub allow_from: String,
     pub created: String,
