@@ -25,8 +25,8 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use keyward_core::CoreError;
 use keyward_core::vault::{Principal, RequestMeta, SessionInfo, Vault};
-use keyward_core::{CoreError, ErrorKind};
 
 pub const SESSION_COOKIE: &str = "__Host-kw_session";
 pub const LOGIN_CSRF_COOKIE: &str = "__Host-kw_login";
@@ -164,17 +164,7 @@ fn error_page(status: StatusCode, message: &str) -> Response {
 }
 
 fn core_error(e: CoreError) -> Response {
-    let status = match e.kind() {
-        ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
-        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
-        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
-        ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::Conflict => StatusCode::CONFLICT,
-        ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::Dependency => StatusCode::BAD_GATEWAY,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
+    let status = StatusCode::from_u16(e.kind().http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if status.is_server_error() {
         tracing::error!(error = %e, "dashboard request failed");
     }
