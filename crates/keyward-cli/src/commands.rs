@@ -851,14 +851,15 @@ fn verify_outcome(v: &Value, json: bool) -> Result<(), CliError> {
     }
     if v["ok"].as_bool() == Some(true) {
         if !json {
-            println!(
-                "audit trail verified: {} events, head {}; {} signed checkpoints hold (last at {}); {} events after it are not yet signed",
-                s(&v["events"]),
-                s(&v["head_hash"]),
-                s(&v["checkpoints_verified"]),
-                s(&v["last_checkpoint_seq"]),
-                s(&v["unsigned_tail"])
-            );
+            let signed = match v["last_checkpoint_seq"].as_i64() {
+                Some(last) => format!(
+                    "{} signed checkpoints hold (the last at sequence {last}); {} newer events are not signed yet",
+                    s(&v["checkpoints_verified"]),
+                    s(&v["unsigned_tail"])
+                ),
+                None => "no signed checkpoint yet (the server signs one every N events or T seconds)".to_owned(),
+            };
+            println!("audit trail verified: {} events, head {}; {signed}", s(&v["events"]), s(&v["head_hash"]));
         }
         return Ok(());
     }
