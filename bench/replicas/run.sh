@@ -52,68 +52,20 @@ PIDS=()
 FAILURES=()
 SCHEMA=
 
-untrack() { # forget a finished process, so cleanup never signals a reused pid
-  local keep=() p
-  for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
-}
-say() { printf '==> %s\n' "$*" >&2; }
-die() {
-  printf 'error: %s\n' "$*" >&2
-  exit 1
-}
-fail() {
-  printf 'CHECK FAILED: %s\n' "$*" >&2
-  FAILURES+=("$*")
-}
-stop_pid() { # stop one process we started, wait for it, forget it
-  local p=$1 i
-  kill "$p" 2>/dev/null || true
-  for i in $(seq 50); do
-    kill -0 "$p" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -9 "$p" 2>/dev/null || true
-  wait "$p" 2>/dev/null || true
-  untrack "$p"
-}
+# shellcheck source=../lib.sh
+source "$HERE/../lib.sh"
 psql_q() { psql "$PG_URL" -X -q -A -t -v ON_ERROR_STOP=1 -c "$1"; }
-
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  local p
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do stop_pid "$p"; done
-  if [[ -n $SCHEMA ]]; then
-    if [[ ${KEEP_WORK:-0} == 1 ]]; then
-      say "kept schema $SCHEMA"
-    else
-      psql_q "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >>"$LOG" 2>&1 || say "could not drop schema $SCHEMA"
-    fi
-  fi
+cleanup_extra() { # the schema this run created
+  [[ -n $SCHEMA ]] || return 0
   if [[ ${KEEP_WORK:-0} == 1 ]]; then
-    say "kept work dir $WORK"
+    say "kept schema $SCHEMA"
   else
-    rm -rf "$WORK"
+    psql_q "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >>"$LOG" 2>&1 || say "could not drop schema $SCHEMA"
   fi
-  exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
 # ---- prerequisites ---------------------------------------------------------
 
-SUDO=
-[[ $(id -u) == 0 ]] || SUDO=sudo
-apt_install() {
-  say "apt-get install $*"
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get install -y -q "$@" >>"$LOG" 2>&1 || {
-    $SUDO apt-get update -q >>"$LOG" 2>&1 && $SUDO apt-get install -y -q "$@" >>"$LOG" 2>&1
-  } || die "apt-get install $* failed (see $LOG)"
-}
 
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)

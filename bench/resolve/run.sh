@@ -43,56 +43,11 @@ LOG=$OUT/setup.log
 PIDS=()
 FAILURES=()
 
-untrack() { # forget a finished process, so cleanup never signals a reused pid
-  local keep=() p
-  for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
-}
-say() { printf '==> %s\n' "$*" >&2; }
-die() {
-  printf 'error: %s\n' "$*" >&2
-  exit 1
-}
-fail() {
-  printf 'CHECK FAILED: %s\n' "$*" >&2
-  FAILURES+=("$*")
-}
-
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  local p i
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do
-    for i in $(seq 50); do
-      kill -0 "$p" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -9 "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-  done
-  if [[ ${KEEP_WORK:-0} == 1 ]]; then
-    say "kept work dir $WORK"
-  else
-    rm -rf "$WORK"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=../lib.sh
+source "$HERE/../lib.sh"
 
 # ---- prerequisites ---------------------------------------------------------
 
-SUDO=
-[[ $(id -u) == 0 ]] || SUDO=sudo
-apt_install() {
-  say "apt-get install $*"
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get install -y -q "$@" >>"$LOG" 2>&1 || {
-    $SUDO apt-get update -q >>"$LOG" 2>&1 && $SUDO apt-get install -y -q "$@" >>"$LOG" 2>&1
-  } || die "apt-get install $* failed (see $LOG)"
-}
 
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
