@@ -552,6 +552,12 @@ async fn passphrase_sealed_server_refuses_until_unsealed(b: Backend) {
     assert_eq!(error_code(&resp.text().await.unwrap()), "sealed");
     let (status, body) = s.resolve("kwa_x", "k").await;
     assert_eq!((status, error_code(&body).as_str()), (503, "sealed"));
+    // A browser gets a page saying so, with the dashboard's headers.
+    let page = s.http.get(s.url("/ui/")).send().await.unwrap();
+    assert_eq!(page.status(), 503);
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(page.text().await.unwrap().contains("keyward unseal"));
 
     let wrong = s.cli_no_token(&["unseal"], b"wrong horse battery staple\n");
     assert!(!wrong.status.success());

@@ -68,6 +68,11 @@ fn static_file(content_type: &'static str, body: &'static str) -> Response {
 /// On every response: no framing, no inline script, no sniffing, no
 /// caching of pages, no referrer.
 async fn security_headers(mut r: Response) -> Response {
+    add_security_headers(&mut r);
+    r
+}
+
+fn add_security_headers(r: &mut Response) {
     let h = r.headers_mut();
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
@@ -77,7 +82,6 @@ async fn security_headers(mut r: Response) -> Response {
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
-    r
 }
 
 use axum::http::HeaderName;
@@ -156,6 +160,17 @@ impl FromRequestParts<Arc<Vault>> for Anonymous {
     async fn from_request_parts(parts: &mut Parts, _: &Arc<Vault>) -> Result<Self, Response> {
         Ok(Anonymous(meta_of(parts), parts.headers.clone()))
     }
+}
+
+/// What a sealed server shows a browser instead of the dashboard, with the
+/// dashboard's security headers.
+pub fn sealed_page() -> Response {
+    let mut page = error_page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "keyward is sealed: an operator must run `keyward unseal` before anyone can log in.",
+    );
+    add_security_headers(&mut page);
+    page
 }
 
 fn error_page(status: StatusCode, message: &str) -> Response {

@@ -79,6 +79,10 @@ pub fn router(state: AppState) -> Router {
 async fn seal_gate(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let open = matches!(req.uri().path(), "/healthz" | "/v1/sys/status" | "/v1/sys/unseal");
     if !open && s.vault.is_sealed() {
+        // People get a page (with the dashboard's headers), programs JSON.
+        if req.uri().path().starts_with("/ui") {
+            return keyward_dashboard::sealed_page();
+        }
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sealed", "the vault is sealed; run `keyward unseal`")
             .into_response();
     }
