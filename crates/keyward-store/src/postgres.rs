@@ -22,6 +22,7 @@ use keyward_core::store::{AuditQuery, StateSnapshot, Store, StoreError, StoreRes
 use crate::map_err;
 use crate::migrate::{self, Migration};
 use crate::rows::{AUDIT_COLUMNS, AUDIT_STATEMENT_ROWS, TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
+use crate::store_impl::{TailCache, cache_tail};
 
 const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../migrations/postgres/0001_init.sql") },
@@ -139,6 +140,11 @@ impl PgStore {
     async fn lock_audit_tail(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> StoreResult<()> {
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(AUDIT_LOCK).execute(&mut **tx).await.map_err(map_err)?;
         Ok(())
+    }
+
+    /// Several replicas append: the tail is read under the lock every time.
+    fn audit_tail_cache(&self) -> Option<&TailCache> {
+        None
     }
 
     fn watch(&self) -> Option<broadcast::Receiver<()>> {

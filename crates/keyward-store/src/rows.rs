@@ -413,11 +413,20 @@ macro_rules! row_writers {
 
         /// Inserts audit records, many rows per statement: one round trip
         /// per chunk instead of one per event keeps group commit cheap.
-        async fn insert_audit(c: &mut $conn, records: &[AuditRecord]) -> StoreResult<()> {
+        ///
+        /// With `after`, the first statement inserts only if the chain's tail
+        /// is exactly that `(seq, hash)` — a cached tail that went stale then
+        /// writes nothing (`Ok(false)`) instead of forking the chain.
+        async fn insert_audit(
+            c: &mut $conn,
+            records: &[AuditRecord],
+            after: Option<(i64, [u8; 32])>,
+        ) -> StoreResult<bool> {
             // Statements of a few fixed sizes only, so each shape is prepared
             // once per connection and then served from the statement cache
             // (a statement per batch size would be re-parsed every time).
             let mut rest = records;
+            let mut guard = after;
             while !rest.is_empty() {
                 let n = AUDIT_STATEMENT_ROWS.iter().copied().find(|&n| n <= rest.len()).unwrap_or(1);
                 let (chunk, tail) = rest.split_at(n);
@@ -427,6 +436,10 @@ macro_rules! row_writers {
                      secret_id, secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, \
                      request_id, prev_hash, hash) ",
                 );
+                let guarded = guard.take();
+                if guarded.is_some() {
+                    q.push("SELECT * FROM (");
+                }
                 q.push_values(chunk, |mut b, r| {
                     let e = &r.event;
                     // Borrowed, not cloned: a batch binds thousands of values.
@@ -450,9 +463,21 @@ macro_rules! row_writers {
                         .push_bind(&r.prev_hash[..])
                         .push_bind(&r.hash[..]);
                 });
-                q.build().execute(&mut *c).await.map_err(map_err)?;
+                if let Some((seq, hash)) = guarded {
+                    q.push(") AS v WHERE EXISTS (SELECT 1 FROM audit_events WHERE seq = ")
+                        .push_bind(seq)
+                        .push(" AND hash = ")
+                        .push_bind(hash.to_vec())
+                        .push(" AND seq = (SELECT MAX(seq) FROM audit_events))");
+                    let done = q.build().execute(&mut *c).await.map_err(map_err)?;
+                    if done.rows_affected() != n as u64 {
+                        return Ok(false);
+                    }
+                } else {
+                    q.build().execute(&mut *c).await.map_err(map_err)?;
+                }
             }
-            Ok(())
+            Ok(true)
         }
 
         /// Everything but the audit trail, read in one transaction.
@@ -562,7 +587,10 @@ pub(crate) use row_writers;
 
 /// Rows per audit INSERT statement: a batch is split greedily into these
 /// (19 parameters a row: 256 rows stay far below both databases' limits).
-pub(crate) const AUDIT_STATEMENT_ROWS: [usize; 5] = [256, 64, 16, 4, 1];
+/// Powers of two: the small batches of a lightly loaded server (1, 2, 4
+/// events) are one statement each, which SQLite commits without a
+/// transaction round trip (see `append_audit`).
+pub(crate) const AUDIT_STATEMENT_ROWS: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
 
 /// Every table keyward keeps, with the query counting its rows.
 pub(crate) const TABLE_COUNTS: &[(&str, &str)] = &[

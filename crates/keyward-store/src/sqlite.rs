@@ -23,6 +23,7 @@ use keyward_core::store::{AuditQuery, StateSnapshot, Store, StoreError, StoreRes
 use crate::map_err;
 use crate::migrate::{self, Migration};
 use crate::rows::{AUDIT_COLUMNS, AUDIT_STATEMENT_ROWS, TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
+use crate::store_impl::{TailCache, cache_tail};
 
 const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../migrations/sqlite/0001_init.sql") },
@@ -42,6 +43,11 @@ const MIGRATIONS: &[Migration] = &[
 pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
+    /// The audit chain's tail as this process last wrote it. One process
+    /// owns the database, so the next append can skip reading it back; the
+    /// INSERT still checks it (see `insert_audit`), so a stale value costs a
+    /// retry, never a forked chain.
+    audit_tail: TailCache,
 }
 
 impl SqliteStore {
@@ -54,8 +60,11 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
+        // The connections are in-process: nothing can hang up on them, so the
+        // pool's ping before each acquire would only add a thread round trip.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts.clone())
             .await
@@ -64,11 +73,12 @@ impl SqliteStore {
         migrate::run(&write, MIGRATIONS).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts.read_only(true))
             .await
             .map_err(map_err)?;
-        Ok(Self { read, write })
+        Ok(Self { read, write, audit_tail: std::sync::Mutex::new(None) })
     }
 }
 
@@ -116,6 +126,10 @@ impl SqliteStore {
 
     fn watch(&self) -> Option<tokio::sync::broadcast::Receiver<()>> {
         None
+    }
+
+    fn audit_tail_cache(&self) -> Option<&TailCache> {
+        Some(&self.audit_tail)
     }
 }
 

@@ -397,21 +397,32 @@ macro_rules! store_impl {
             }
 
             async fn append_audit(&self, batch: Vec<AuditDraft>) -> StoreResult<Vec<AuditRecord>> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
-                // Held until commit: one appender at a time (across every replica).
-                Self::lock_audit_tail(&mut tx).await?;
-                let tail = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                let (last_seq, last_hash) = match tail {
-                    Some(r) => (r.try_get("seq").map_err(corrupt)?, hash32(r.try_get("hash").map_err(corrupt)?)?),
-                    None => (0, GENESIS_HASH),
+                let Some(cache) = self.audit_tail_cache() else {
+                    return self.append_audit_reading_tail(batch).await;
                 };
-                let records = chain_owned(last_seq, last_hash, batch);
-                insert_audit(&mut tx, &records).await?;
-                tx.commit().await.map_err(map_err)?;
-                Ok(records)
+                let known = *cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let batch = match known {
+                    Some(tail) => {
+                        let records = chain_owned(tail.0, tail.1, batch);
+                        match self.append_audit_after(tail, &records).await {
+                            Ok(true) => {
+                                cache_tail(cache, records.last().map(|r| (r.seq, r.hash)));
+                                return Ok(records);
+                            }
+                            // The tail moved under the cache (someone else
+                            // wrote the trail): chain again after the real one.
+                            Ok(false) => records.into_iter().map(|r| r.event).collect(),
+                            Err(e) => {
+                                cache_tail(cache, None);
+                                return Err(e);
+                            }
+                        }
+                    }
+                    None => batch,
+                };
+                let appended = self.append_audit_reading_tail(batch).await;
+                cache_tail(cache, appended.as_ref().ok().and_then(|r| r.last()).map(|r| (r.seq, r.hash)));
+                appended
             }
 
             async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
@@ -470,6 +481,9 @@ macro_rules! store_impl {
             }
 
             async fn prune_audit(&self, through_seq: i64) -> StoreResult<u64> {
+                if let Some(cache) = self.audit_tail_cache() {
+                    cache_tail(cache, None);
+                }
                 let mut tx = self.writer().begin().await.map_err(map_err)?;
                 let anchored: Option<i64> = sqlx::query_scalar("SELECT seq FROM audit_checkpoints WHERE seq = $1")
                     .bind(through_seq)
@@ -745,8 +759,11 @@ macro_rules! store_impl {
             }
 
             async fn import_audit(&self, records: &[AuditRecord]) -> StoreResult<()> {
+                if let Some(cache) = self.audit_tail_cache() {
+                    cache_tail(cache, None);
+                }
                 let mut tx = self.writer().begin().await.map_err(map_err)?;
-                insert_audit(&mut tx, records).await?;
+                insert_audit(&mut tx, records, None).await?;
                 tx.commit().await.map_err(map_err)
             }
 
@@ -755,7 +772,56 @@ macro_rules! store_impl {
                 table_counts(&mut c).await
             }
         }
+
+        impl $ty {
+            /// Appends after the tail read inside the transaction (and, on
+            /// PostgreSQL, under the lock that serialises replicas).
+            async fn append_audit_reading_tail(&self, batch: Vec<AuditDraft>) -> StoreResult<Vec<AuditRecord>> {
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                // Held until commit: one appender at a time (across every replica).
+                Self::lock_audit_tail(&mut tx).await?;
+                let tail = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                let (last_seq, last_hash) = match tail {
+                    Some(r) => (r.try_get("seq").map_err(corrupt)?, hash32(r.try_get("hash").map_err(corrupt)?)?),
+                    None => (0, GENESIS_HASH),
+                };
+                let records = chain_owned(last_seq, last_hash, batch);
+                insert_audit(&mut tx, &records, None).await?;
+                tx.commit().await.map_err(map_err)?;
+                Ok(records)
+            }
+
+            /// Appends records already chained after `tail`, if `tail` is
+            /// still the stored one (`Ok(false)` and nothing written if
+            /// not). A batch that fits one statement needs no transaction:
+            /// one round trip to the database, which is what a lightly
+            /// loaded server's latency is made of.
+            async fn append_audit_after(&self, tail: (i64, [u8; 32]), records: &[AuditRecord]) -> StoreResult<bool> {
+                if AUDIT_STATEMENT_ROWS.contains(&records.len()) {
+                    let mut c = self.writer().acquire().await.map_err(map_err)?;
+                    return insert_audit(&mut c, records, Some(tail)).await;
+                }
+                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                if !insert_audit(&mut tx, records, Some(tail)).await? {
+                    return Ok(false); // dropping `tx` rolls back
+                }
+                tx.commit().await.map_err(map_err)?;
+                Ok(true)
+            }
+        }
     };
+}
+
+/// The audit chain's `(seq, hash)` tail as a store last wrote it.
+pub(crate) type TailCache = std::sync::Mutex<Option<(i64, [u8; 32])>>;
+
+/// Records the chain's tail as this process last wrote it (`None`: unknown,
+/// read it again next time).
+pub(crate) fn cache_tail(cache: &TailCache, tail: Option<(i64, [u8; 32])>) {
+    *cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tail;
 }
 
 pub(crate) use store_impl;
