@@ -413,20 +413,11 @@ macro_rules! row_writers {
 
         /// Inserts audit records, many rows per statement: one round trip
         /// per chunk instead of one per event keeps group commit cheap.
-        ///
-        /// With `after`, the first statement inserts only if the chain's tail
-        /// is exactly that `(seq, hash)` — a cached tail that went stale then
-        /// writes nothing (`Ok(false)`) instead of forking the chain.
-        async fn insert_audit(
-            c: &mut $conn,
-            records: &[AuditRecord],
-            after: Option<(i64, [u8; 32])>,
-        ) -> StoreResult<bool> {
+        async fn insert_audit(c: &mut $conn, records: &[AuditRecord]) -> StoreResult<()> {
             // Statements of a few fixed sizes only, so each shape is prepared
             // once per connection and then served from the statement cache
             // (a statement per batch size would be re-parsed every time).
             let mut rest = records;
-            let mut guard = after;
             while !rest.is_empty() {
                 let n = AUDIT_STATEMENT_ROWS.iter().copied().find(|&n| n <= rest.len()).unwrap_or(1);
                 let (chunk, tail) = rest.split_at(n);
@@ -436,10 +427,6 @@ macro_rules! row_writers {
                      secret_id, secret_name, secret_version, purpose, source_ip, user_agent, outcome, reason, \
                      request_id, prev_hash, hash) ",
                 );
-                let guarded = guard.take();
-                if guarded.is_some() {
-                    q.push("SELECT * FROM (");
-                }
                 q.push_values(chunk, |mut b, r| {
                     let e = &r.event;
                     // Borrowed, not cloned: a batch binds thousands of values.
@@ -463,21 +450,9 @@ macro_rules! row_writers {
                         .push_bind(&r.prev_hash[..])
                         .push_bind(&r.hash[..]);
                 });
-                if let Some((seq, hash)) = guarded {
-                    q.push(") AS v WHERE EXISTS (SELECT 1 FROM audit_events WHERE seq = ")
-                        .push_bind(seq)
-                        .push(" AND hash = ")
-                        .push_bind(hash.to_vec())
-                        .push(" AND seq = (SELECT MAX(seq) FROM audit_events))");
-                    let done = q.build().execute(&mut *c).await.map_err(map_err)?;
-                    if done.rows_affected() != n as u64 {
-                        return Ok(false);
-                    }
-                } else {
-                    q.build().execute(&mut *c).await.map_err(map_err)?;
-                }
+                q.build().execute(&mut *c).await.map_err(map_err)?;
             }
-            Ok(true)
+            Ok(())
         }
 
         /// Everything but the audit trail, read in one transaction.

@@ -404,7 +404,7 @@ macro_rules! store_impl {
                 let batch = match known {
                     Some(tail) => {
                         let records = chain_owned(tail.0, tail.1, batch);
-                        match self.append_audit_after(tail, &records).await {
+                        match self.append_audit_after(&records).await {
                             Ok(true) => {
                                 cache_tail(cache, records.last().map(|r| (r.seq, r.hash)));
                                 return Ok(records);
@@ -763,7 +763,7 @@ macro_rules! store_impl {
                     cache_tail(cache, None);
                 }
                 let mut tx = self.writer().begin().await.map_err(map_err)?;
-                insert_audit(&mut tx, records, None).await?;
+                insert_audit(&mut tx, records).await?;
                 tx.commit().await.map_err(map_err)
             }
 
@@ -789,27 +789,34 @@ macro_rules! store_impl {
                     None => (0, GENESIS_HASH),
                 };
                 let records = chain_owned(last_seq, last_hash, batch);
-                insert_audit(&mut tx, &records, None).await?;
+                insert_audit(&mut tx, &records).await?;
                 tx.commit().await.map_err(map_err)?;
                 Ok(records)
             }
 
-            /// Appends records already chained after `tail`, if `tail` is
-            /// still the stored one (`Ok(false)` and nothing written if
-            /// not). A batch that fits one statement needs no transaction:
-            /// one round trip to the database, which is what a lightly
-            /// loaded server's latency is made of.
-            async fn append_audit_after(&self, tail: (i64, [u8; 32]), records: &[AuditRecord]) -> StoreResult<bool> {
-                if AUDIT_STATEMENT_ROWS.contains(&records.len()) {
+            /// Appends records already chained after `tail`, the tail this
+            /// process last wrote. If anyone else appended since, the first
+            /// record's sequence number is taken: the primary key refuses it
+            /// and nothing is written (`Ok(false)`, chain again). A batch that
+            /// fits one statement needs no transaction: one round trip to the
+            /// database, which is what a lightly loaded server's latency is
+            /// made of.
+            async fn append_audit_after(&self, records: &[AuditRecord]) -> StoreResult<bool> {
+                let written = if AUDIT_STATEMENT_ROWS.contains(&records.len()) {
                     let mut c = self.writer().acquire().await.map_err(map_err)?;
-                    return insert_audit(&mut c, records, Some(tail)).await;
+                    insert_audit(&mut c, records).await
+                } else {
+                    let mut tx = self.writer().begin().await.map_err(map_err)?;
+                    match insert_audit(&mut tx, records).await {
+                        Ok(()) => tx.commit().await.map_err(map_err),
+                        Err(e) => Err(e), // dropping `tx` rolls back
+                    }
+                };
+                match written {
+                    Ok(()) => Ok(true),
+                    Err(StoreError::Duplicate { .. }) => Ok(false),
+                    Err(e) => Err(e),
                 }
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
-                if !insert_audit(&mut tx, records, Some(tail)).await? {
-                    return Ok(false); // dropping `tx` rolls back
-                }
-                tx.commit().await.map_err(map_err)?;
-                Ok(true)
             }
         }
     };
