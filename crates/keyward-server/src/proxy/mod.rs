@@ -351,7 +351,7 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
                 return Err(err);
             }
         };
-        let clean = redactor.redact_all(&bytes).unwrap_or_else(|| bytes.to_vec());
+        let clean = redactor.redact_all(&bytes).map_or(bytes, bytes::Bytes::from);
         let sent = clean.len() as u64;
         tokio::spawn(outcome.record(status_code, sent, None));
         let mut response = Response::new(Body::from(clean));

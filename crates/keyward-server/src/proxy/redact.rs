@@ -14,6 +14,9 @@ const MIN_FORM: usize = 8;
 pub struct Redactor {
     forms: Vec<Zeroizing<Vec<u8>>>,
     longest: usize,
+    /// Bytes some form starts with: every other position is skipped
+    /// without comparing (most of a body).
+    starts: [bool; 256],
     carry: Zeroizing<Vec<u8>>,
 }
 
@@ -71,29 +74,49 @@ impl Redactor {
     pub fn new(values: &[&[u8]]) -> Self {
         let forms: Vec<_> = values.iter().flat_map(|v| forms_of(v)).collect();
         let longest = forms.iter().map(|f| f.len()).max().unwrap_or(0);
-        Self { forms, longest, carry: Zeroizing::new(Vec::new()) }
+        let mut starts = [false; 256];
+        for f in &forms {
+            starts[usize::from(f[0])] = true;
+        }
+        Self { forms, longest, starts, carry: Zeroizing::new(Vec::new()) }
     }
 
     fn match_at(&self, buf: &[u8], i: usize) -> Option<usize> {
+        if !self.starts[usize::from(buf[i])] {
+            return None;
+        }
         self.forms.iter().find(|f| buf[i..].starts_with(f)).map(|f| f.len())
     }
 
-    /// Redacts a complete value (a header).
-    pub fn redact_all(&self, input: &[u8]) -> Option<Vec<u8>> {
-        let mut out = Vec::with_capacity(input.len());
-        let mut hit = false;
-        let mut i = 0;
-        while i < input.len() {
-            if let Some(n) = self.match_at(input, i) {
-                out.extend_from_slice(REPLACEMENT);
-                i += n;
-                hit = true;
-            } else {
-                out.push(input[i]);
-                i += 1;
+    /// Copies `buf[..end]` to `out` with every form replaced, in runs rather
+    /// than byte by byte. A match starting before `end` may run past it;
+    /// returns where copying stopped (`>= end`) and whether anything matched.
+    fn replace_into(&self, buf: &[u8], end: usize, out: &mut Vec<u8>) -> (usize, bool) {
+        let (mut i, mut copied, mut hit) = (0, 0, false);
+        while i < end {
+            match self.match_at(buf, i) {
+                Some(n) => {
+                    out.extend_from_slice(&buf[copied..i]);
+                    out.extend_from_slice(REPLACEMENT);
+                    i += n;
+                    copied = i;
+                    hit = true;
+                }
+                None => i += 1,
             }
         }
-        hit.then_some(out)
+        out.extend_from_slice(&buf[copied..i]);
+        (i, hit)
+    }
+
+    /// Redacts a complete value (a header, a whole answer); `None` when it
+    /// holds no form of the key (nothing is copied then).
+    pub fn redact_all(&self, input: &[u8]) -> Option<Vec<u8>> {
+        let first = (0..input.len()).find(|&i| self.match_at(input, i).is_some())?;
+        let mut out = Vec::with_capacity(input.len());
+        out.extend_from_slice(&input[..first]);
+        self.replace_into(&input[first..], input.len() - first, &mut out);
+        Some(out)
     }
 
     /// How many trailing bytes of `buf` could be the start of a form (and
@@ -114,16 +137,7 @@ impl Redactor {
         let buf = std::mem::take(&mut *self.carry);
         let keep_from = buf.len() - self.held_back(&buf);
         let mut out = Vec::with_capacity(buf.len());
-        let mut i = 0;
-        while i < keep_from {
-            if let Some(n) = self.match_at(&buf, i) {
-                out.extend_from_slice(REPLACEMENT);
-                i += n;
-            } else {
-                out.push(buf[i]);
-                i += 1;
-            }
-        }
+        let (i, _) = self.replace_into(&buf, keep_from, &mut out);
         // A match that started before `keep_from` may have consumed past it.
         self.carry.extend_from_slice(&buf[i..]);
         let _ = Zeroizing::new(buf);
