@@ -144,6 +144,11 @@ pub struct ServeArgs {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// When a commit counts as written: fsync (default; on disk before an
+    /// access proceeds) or buffered (handed to the OS, on disk within ~1 s;
+    /// an OS crash or power cut can lose that last second).
+    #[arg(long)]
+    pub durability: Option<String>,
     /// Seal for a first-run initialisation.
     #[arg(long, value_enum, default_value = "keyfile")]
     pub seal: SealKind,

@@ -233,6 +233,7 @@ async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
         resolve: (!a.resolve.is_empty()).then(|| a.resolve.clone()),
         upstream_timeout: a.upstream_timeout,
         log_format: a.log_format.clone(),
+        durability: a.durability.clone(),
         ..server_config(conn, &ServerOpts { config: None, ..a.server.clone() })?
     };
     let file = match &a.server.config {

@@ -45,6 +45,10 @@ pub struct ServeConfig {
     pub expiring_window_days: Option<i64>,
     /// `text` (default) or `json`.
     pub log_format: Option<String>,
+    /// When a commit counts as written: `fsync` (default: on disk before
+    /// keyward goes on) or `buffered` (handed to the OS, on disk within
+    /// about a second). See `keyward_store::Durability`.
+    pub durability: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,8 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("--tls-cert and --tls-key go together")]
     TlsPair,
+    #[error("{0}")]
+    Durability(String),
 }
 
 impl ServeConfig {
@@ -85,6 +91,7 @@ impl ServeConfig {
             notify_interval_secs: self.notify_interval_secs.or(file.notify_interval_secs),
             expiring_window_days: self.expiring_window_days.or(file.expiring_window_days),
             log_format: self.log_format.or(file.log_format),
+            durability: self.durability.or(file.durability),
         }
     }
 
@@ -108,10 +115,17 @@ impl ServeConfig {
         }
     }
 
+    pub fn durability(&self) -> Result<keyward_store::Durability, ConfigError> {
+        self.durability
+            .as_deref()
+            .map_or(Ok(keyward_store::Durability::Fsync), |d| d.parse().map_err(ConfigError::Durability))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConfigError::TlsPair);
         }
+        self.durability()?;
         Ok(())
     }
 }
@@ -128,5 +142,15 @@ mod tests {
         assert_eq!(merged.listen().port(), 1);
         assert_eq!(merged.data_dir(), PathBuf::from("/srv/kw"));
         assert!(toml::from_str::<ServeConfig>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn durability_defaults_to_fsync_and_refuses_unknown_values() {
+        assert_eq!(ServeConfig::default().durability().unwrap(), keyward_store::Durability::Fsync);
+        let file: ServeConfig = toml::from_str("durability = \"buffered\"").unwrap();
+        assert_eq!(file.durability().unwrap(), keyward_store::Durability::Buffered);
+        let bad = ServeConfig { durability: Some("never".into()), ..Default::default() };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("expected `fsync` (the default) or `buffered`"), "{err}");
     }
 }

@@ -207,7 +207,14 @@ pub async fn copy_between(from: &str, to: &str) -> Result<keyward_store::CopyRep
 /// Opens an initialised instance for serving.
 pub async fn open_vault(cfg: &ServeConfig) -> Result<Arc<Vault>, SetupError> {
     let dir = DataDir::new(cfg.data_dir());
-    let store = keyward_store::open(&cfg.database_url()).await?;
+    let durability = cfg.durability().map_err(|e| SetupError::Other(e.to_string()))?;
+    let store = keyward_store::open_with(&cfg.database_url(), durability).await?;
+    if durability != keyward_store::Durability::Fsync {
+        tracing::info!(
+            durability = durability.as_str(),
+            "commits reach the disk within about a second, not one by one"
+        );
+    }
     if !Vault::is_initialized(store.as_ref()).await? {
         return Err(SetupError::Other("not initialised; run `keyward init`".into()));
     }

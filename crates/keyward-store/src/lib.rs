@@ -20,14 +20,56 @@ pub use copy::{CopyReport, copy_store};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
+/// When a commit counts as written: what an access waits for before it
+/// proceeds (its audit record) and an admin change before it is answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk (fsync) before keyward goes on: survives a power cut.
+    #[default]
+    Fsync,
+    /// Handed to the operating system before keyward goes on (survives a
+    /// crash or kill of keyward), on disk within about a second: an OS crash
+    /// or power cut can lose that last second. The database stays
+    /// consistent and the audit chain valid; it only ends earlier.
+    /// SQLite: `synchronous=NORMAL` plus a flush of the WAL every second;
+    /// PostgreSQL: `synchronous_commit=off` (its WAL writer flushes within
+    /// three `wal_writer_delay`s, 600 ms by default).
+    Buffered,
+}
+
+impl Durability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fsync => "fsync",
+            Self::Buffered => "buffered",
+        }
+    }
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fsync" => Ok(Self::Fsync),
+            "buffered" => Ok(Self::Buffered),
+            other => Err(format!("durability `{other}`: expected `fsync` (the default) or `buffered`")),
+        }
+    }
+}
+
 /// Opens the store named by a database URL (`sqlite://PATH`), creating and
-/// migrating it if needed.
+/// migrating it if needed, with every commit fsync'd.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    open_with(url, Durability::Fsync).await
+}
+
+/// [`open`] with a chosen [`Durability`].
+pub async fn open_with(url: &str, durability: Durability) -> Result<Arc<dyn Store>, StoreError> {
     if let Some(path) = url.strip_prefix("sqlite://") {
-        return Ok(Arc::new(SqliteStore::open(std::path::Path::new(path)).await?));
+        return Ok(Arc::new(SqliteStore::open_with(std::path::Path::new(path), durability).await?));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Ok(Arc::new(PgStore::open(url).await?));
+        return Ok(Arc::new(PgStore::open_with(url, durability).await?));
     }
     Err(StoreError::Other(format!(
         "unsupported database URL scheme in `{}`; use sqlite://PATH or postgres://USER@HOST/DB",

@@ -19,10 +19,10 @@ use keyward_core::audit::{Actor, AuditDraft, AuditRecord, GENESIS_HASH, Outcome,
 use keyward_core::model::*;
 use keyward_core::store::{AuditQuery, StateSnapshot, Store, StoreError, StoreResult};
 
-use crate::map_err;
 use crate::migrate::{self, Migration};
 use crate::rows::{AUDIT_COLUMNS, AUDIT_STATEMENT_ROWS, TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
 use crate::store_impl::{TailCache, cache_tail};
+use crate::{Durability, map_err};
 
 const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../migrations/postgres/0001_init.sql") },
@@ -52,7 +52,15 @@ pub struct PgStore {
 
 impl PgStore {
     pub async fn open(url: &str) -> StoreResult<Self> {
-        let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::Other(format!("database URL: {e}")))?;
+        Self::open_with(url, Durability::Fsync).await
+    }
+
+    pub async fn open_with(url: &str, durability: Durability) -> StoreResult<Self> {
+        let mut options =
+            PgConnectOptions::from_str(url).map_err(|e| StoreError::Other(format!("database URL: {e}")))?;
+        if durability == Durability::Buffered {
+            options = options.options([("synchronous_commit", "off")]);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(16)
             // Fail fast when the database is gone: the request is refused
@@ -72,6 +80,11 @@ impl PgStore {
         let store = Self { pool, options, changes };
         store.spawn_listener();
         Ok(store)
+    }
+
+    /// `SHOW synchronous_commit` on one of the pool's connections.
+    pub async fn commit_sync_setting(&self) -> StoreResult<String> {
+        sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&self.pool).await.map_err(map_err)
     }
 
     /// Listens for other replicas' changes. A lost connection may have lost

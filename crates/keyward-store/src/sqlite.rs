@@ -20,10 +20,10 @@ use keyward_core::audit::{Actor, AuditDraft, AuditRecord, GENESIS_HASH, Outcome,
 use keyward_core::model::*;
 use keyward_core::store::{AuditQuery, StateSnapshot, Store, StoreError, StoreResult};
 
-use crate::map_err;
 use crate::migrate::{self, Migration};
 use crate::rows::{AUDIT_COLUMNS, AUDIT_STATEMENT_ROWS, TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
 use crate::store_impl::{TailCache, cache_tail};
+use crate::{Durability, map_err};
 
 const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../migrations/sqlite/0001_init.sql") },
@@ -48,16 +48,28 @@ pub struct SqliteStore {
     /// INSERT still checks it (see `insert_audit`), so a stale value costs a
     /// retry, never a forked chain.
     audit_tail: TailCache,
+    /// `buffered` durability only: dropping it stops the WAL flusher.
+    _wal_flusher: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl SqliteStore {
     pub async fn open(path: &Path) -> StoreResult<Self> {
+        Self::open_with(path, Durability::Fsync).await
+    }
+
+    pub async fn open_with(path: &Path, durability: Durability) -> StoreResult<Self> {
+        let synchronous = match durability {
+            Durability::Fsync => SqliteSynchronous::Full,
+            // WAL + NORMAL: a commit is written to the WAL, not synced; the
+            // flusher below bounds how long it stays off the disk.
+            Durability::Buffered => SqliteSynchronous::Normal,
+        };
         let opts = SqliteConnectOptions::from_str("sqlite://")
             .map_err(map_err)?
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(synchronous)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
         // The connections are in-process: nothing can hang up on them, so the
@@ -78,11 +90,53 @@ impl SqliteStore {
             .connect_with(opts.read_only(true))
             .await
             .map_err(map_err)?;
-        Ok(Self { read, write, audit_tail: std::sync::Mutex::new(None) })
+        let wal_flusher = (durability == Durability::Buffered).then(|| spawn_wal_flusher(path));
+        Ok(Self { read, write, audit_tail: std::sync::Mutex::new(None), _wal_flusher: wal_flusher })
     }
 }
 
+/// How long a `buffered` commit may stay in the OS's cache at most.
+pub const BUFFERED_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// `buffered` durability: syncs the WAL file every [`BUFFERED_FLUSH_EVERY`],
+/// so what was committed before a flush is on disk after it. The file is
+/// opened afresh each time (SQLite may recreate it). Ends when the store
+/// drops the returned sender.
+fn spawn_wal_flusher(db: &Path) -> tokio::sync::oneshot::Sender<()> {
+    let wal = std::path::PathBuf::from(format!("{}-wal", db.display()));
+    let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(BUFFERED_FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // The store going away flushes one last time.
+            let last = tokio::select! {
+                _ = tick.tick() => false,
+                _ = &mut stop => true,
+            };
+            let wal = wal.clone();
+            let synced = tokio::task::spawn_blocking(move || std::fs::File::open(&wal)?.sync_data()).await;
+            if let Ok(Err(e)) = synced
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(error = %e, "could not flush the SQLite WAL to disk");
+            }
+            if last {
+                break;
+            }
+        }
+    });
+    stop_tx
+}
+
 impl SqliteStore {
+    /// What the write connection syncs a commit with: `PRAGMA synchronous`
+    /// as SQLite reports it (2 = FULL, 1 = NORMAL).
+    pub async fn commit_sync_setting(&self) -> StoreResult<String> {
+        let level: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&self.write).await.map_err(map_err)?;
+        Ok(level.to_string())
+    }
+
     /// Writes a consistent snapshot while the server keeps serving.
     pub async fn backup_to(&self, file: &Path) -> StoreResult<()> {
         let target = file.to_str().ok_or_else(|| StoreError::Other("backup path is not UTF-8".into()))?;

@@ -330,6 +330,39 @@ async fn postgres_appenders_with_stale_tails_keep_one_chain() {
     appenders_take_turns(a, b).await;
 }
 
+/// `buffered` relaxes the commit sync of the connections that write, and
+/// nothing else: what was appended is there when the store is reopened.
+#[tokio::test]
+async fn sqlite_durability_sets_the_commit_sync() {
+    use keyward_store::{Durability, SqliteStore};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let strict = SqliteStore::open_with(&path, Durability::Fsync).await.unwrap();
+    assert_eq!(strict.commit_sync_setting().await.unwrap(), "2", "FULL");
+    drop(strict);
+    let buffered = SqliteStore::open_with(&path, Durability::Buffered).await.unwrap();
+    assert_eq!(buffered.commit_sync_setting().await.unwrap(), "1", "NORMAL");
+    buffered.append_audit(vec![draft("a"), draft("b"), draft("c")]).await.unwrap();
+    drop(buffered);
+    let reopened = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(verified_events(&reopened).await, 3);
+    assert_eq!("buffered".parse::<Durability>(), Ok(Durability::Buffered));
+    assert_eq!("fsync".parse::<Durability>(), Ok(Durability::Fsync));
+    assert!("none".parse::<Durability>().unwrap_err().contains("expected `fsync`"));
+}
+
+#[tokio::test]
+async fn postgres_durability_sets_synchronous_commit() {
+    use keyward_store::{Durability, PgStore};
+    let Some(db) = keyward_store::testing::TestSchema::create().await else { return };
+    let strict = PgStore::open_with(&db.url, Durability::Fsync).await.unwrap();
+    assert_eq!(strict.commit_sync_setting().await.unwrap(), "on");
+    let buffered = PgStore::open_with(&db.url, Durability::Buffered).await.unwrap();
+    assert_eq!(buffered.commit_sync_setting().await.unwrap(), "off");
+    buffered.append_audit(vec![draft("a"), draft("b")]).await.unwrap();
+    assert_eq!(verified_events(&strict).await, 2);
+}
+
 #[tokio::test]
 async fn sqlite_reopens_migrated_database() {
     let dir = tempfile::tempdir().unwrap();
