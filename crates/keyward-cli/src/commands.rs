@@ -209,21 +209,23 @@ fn print_init_banner(r: &keyward_server::InitReport) {
     }
 }
 
-fn init_logging(format: Option<&str>) {
+/// Logs to stderr through [`crate::logpipe`]; keep the returned guard
+/// until the server stops (dropping it writes out what is queued).
+fn init_logging(format: Option<&str>) -> crate::logpipe::Flush {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     // rustls warns on every client that sends an IP address as SNI (many
     // do): a client could flood the log with it, so only its errors show.
     let filter = EnvFilter::try_from_env("KEYWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+    let (pipe, flush) = crate::logpipe::start(std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(pipe).with_ansi(std::io::stderr().is_terminal());
     if format == Some("json") {
         builder.json().init();
     } else {
         builder.init();
     }
+    flush
 }
 
 async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
@@ -242,7 +244,7 @@ async fn serve(conn: &Conn, a: ServeArgs) -> Result<(), CliError> {
     };
     let cfg = flags.over(file);
     cfg.validate().map_err(setup)?;
-    init_logging(cfg.log_format.as_deref());
+    let _log_flush = init_logging(cfg.log_format.as_deref());
 
     if datadir::needs_init(&cfg).await.map_err(setup)? {
         let report = datadir::initialize(&cfg, seal_choice(a.seal)?).await.map_err(setup)?;

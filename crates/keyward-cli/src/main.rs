@@ -5,6 +5,7 @@ mod args;
 mod client;
 mod commands;
 mod input;
+mod logpipe;
 mod output;
 
 use clap::Parser;

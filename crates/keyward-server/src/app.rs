@@ -101,14 +101,16 @@ async fn request_id_and_log(mut req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
-    tracing::info!(
-        target: "keyward::access",
-        request_id = %id,
-        method = %method,
-        path = %path,
-        status = resp.status().as_u16(),
-        micros = started.elapsed().as_micros() as u64,
-    );
+    let status = resp.status().as_u16();
+    let micros = started.elapsed().as_micros() as u64;
+    // A successful credential use is in the audit trail already (with this
+    // request id): its access line is debug-level, the hot path's biggest
+    // logging cost. Failures stay visible at info.
+    if status < 400 && (path.starts_with("/proxy/") || path.starts_with("/v1/resolve/")) {
+        tracing::debug!(target: "keyward::access", request_id = %id, method = %method, path = %path, status, micros);
+    } else {
+        tracing::info!(target: "keyward::access", request_id = %id, method = %method, path = %path, status, micros);
+    }
     resp
 }
 

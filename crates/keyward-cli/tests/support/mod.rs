@@ -287,7 +287,11 @@ impl Server {
         resolve_at(&self.http, &self.addr, token, secret).await
     }
 
+    /// The server's log so far. The server writes log lines from a thread
+    /// of its own, a moment after they are logged: give it that moment, so
+    /// that a check for what is (or is not) in the log sees every line.
     pub fn server_log(&self) -> String {
+        std::thread::sleep(std::time::Duration::from_millis(100));
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 

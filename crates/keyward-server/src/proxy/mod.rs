@@ -40,7 +40,13 @@ pub struct Upstreams {
     /// HTTP/1.1-only twins for WebSocket handshakes (upgrades need HTTP/1.1).
     strict_h1: reqwest::Client,
     internal_h1: reqwest::Client,
+    /// Bound origins, parsed: parsing a URL (IDNA included) on every
+    /// request showed in profiles. Origins are metadata, never secret.
+    origins: std::sync::Mutex<HashMap<String, reqwest::Url>>,
 }
+
+/// Parsed origins kept at most (a cache, emptied when full).
+const ORIGIN_CACHE: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamSetupError {
@@ -94,7 +100,34 @@ impl Upstreams {
             internal: build(true, false)?,
             strict_h1: build(false, true)?,
             internal_h1: build(true, true)?,
+            origins: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// `origin` + `path` + `query` as a URL, the origin parsed once.
+    fn url(&self, origin: &str, path: &str, query: &[String]) -> Result<reqwest::Url, ApiError> {
+        let cached = self.origins.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(origin).cloned();
+        let mut url = match cached {
+            Some(u) => u,
+            None => {
+                let u = reqwest::Url::parse(origin).map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_invalid",
+                        "the secret's upstream is not a valid origin",
+                    )
+                })?;
+                let mut origins = self.origins.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if origins.len() >= ORIGIN_CACHE {
+                    origins.clear();
+                }
+                origins.insert(origin.to_owned(), u.clone());
+                u
+            }
+        };
+        url.set_path(path);
+        url.set_query((!query.is_empty()).then(|| query.join("&")).as_deref());
+        Ok(url)
     }
 }
 
@@ -280,7 +313,7 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     };
     // The use is already audited as allowed: every refusal from here on
     // completes the trail with its reason.
-    let prepared = prepare(&released, &parts, &path, websocket.is_some());
+    let prepared = prepare(&s.upstreams, &released, &parts, &path, websocket.is_some());
     let (url, headers, redactor) = match prepared {
         Ok(p) => p,
         Err(err) => {
@@ -295,7 +328,7 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
         (false, true) => &s.upstreams.strict_h1,
         (true, true) => &s.upstreams.internal_h1,
     };
-    let mut upstream_req = client.request(parts.method.clone(), &url).headers(headers);
+    let mut upstream_req = client.request(parts.method.clone(), url).headers(headers);
     if websocket.is_none() {
         upstream_req = upstream_req.body(reqwest::Body::wrap_stream(body.into_data_stream()));
     }
@@ -453,11 +486,12 @@ fn checked_origin(secret: &keyward_core::model::Secret) -> Result<String, ApiErr
 /// Checks the secret's binding and builds what goes upstream: the URL,
 /// the headers (agent credentials out, real key in) and the redactor.
 fn prepare(
+    upstreams: &Upstreams,
     released: &keyward_core::vault::Released,
     parts: &axum::http::request::Parts,
     path: &str,
     websocket: bool,
-) -> Result<(String, HeaderMap, redact::Redactor), ApiError> {
+) -> Result<(reqwest::Url, HeaderMap, redact::Redactor), ApiError> {
     let secret = &released.secret;
     let origin = checked_origin(secret)?;
     let value = released
@@ -482,7 +516,7 @@ fn prepare(
     presets::strip_agent_credentials(&mut headers);
     let mut query = presets::forward_query(parts.uri.query());
     presets::inject(&secret.provider, secret.inject.as_deref(), value, &mut headers, &mut query)?;
-    let url = if query.is_empty() { format!("{origin}{path}") } else { format!("{origin}{path}?{}", query.join("&")) };
+    let url = upstreams.url(&origin, path, &query)?;
     let redactor = redact::Redactor::new(
         &presets::key_parts(&secret.provider, value).iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
     );
@@ -588,6 +622,34 @@ mod tests {
             "/proxy/openai/%zz",
         ] {
             assert!(split_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The cached origin gives exactly the URL the text would parse to, and
+    /// nothing of one request's path or query carries over to the next.
+    #[tokio::test]
+    async fn urls_join_origin_path_and_query_as_written() {
+        let u = Upstreams::new(None, &[], Duration::from_secs(1)).unwrap();
+        let q = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for (origin, path, query, want) in [
+            ("https://api.openai.com", "/v1/chat/completions", q(&[]), "https://api.openai.com/v1/chat/completions"),
+            (
+                "http://127.0.0.1:8080",
+                "/v1/a%20b/c",
+                q(&["key=k%2B1", "alt=json"]),
+                "http://127.0.0.1:8080/v1/a%20b/c?key=k%2B1&alt=json",
+            ),
+            ("http://127.0.0.1:8080", "/v2", q(&[]), "http://127.0.0.1:8080/v2"),
+            ("https://[::1]:8443", "/", q(&[]), "https://[::1]:8443/"),
+        ] {
+            let url = u.url(origin, path, &query).unwrap();
+            assert_eq!(url.as_str(), want);
+            let text = if query.is_empty() {
+                format!("{origin}{path}")
+            } else {
+                format!("{origin}{path}?{}", query.join("&"))
+            };
+            assert_eq!(url, reqwest::Url::parse(&text).unwrap());
         }
     }
 
