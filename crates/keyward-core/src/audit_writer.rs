@@ -4,6 +4,12 @@
 //! load many accesses share one commit; at rest each commits alone. Nothing
 //! is ever dropped: the queue is bounded and senders wait (backpressure), and
 //! a caller whose event did not commit gets an error, never a silent success.
+//!
+//! Events that record what already happened (a proxied call's outcome) are
+//! [`AuditWriter::append_soon`]: nobody is held up by their commit, so they
+//! ride along with the next access's commit, or commit alone after
+//! [`LINGER`]. At moderate load that halves the commits, and an access's
+//! record no longer queues behind an outcome's fsync.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,24 +23,66 @@ const QUEUE: usize = 8192;
 const MAX_BATCH: usize = 1024;
 /// How long a caller waits for its commit before the access is refused.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an `append_soon` event waits for a commit to ride along with.
+pub const LINGER: Duration = Duration::from_millis(20);
 
 type Reply = oneshot::Sender<Result<i64, String>>;
 
+// Events are the hot path (no boxing, no extra allocation); flushes are rare.
+#[allow(clippy::large_enum_variant)]
+enum Queued {
+    Event {
+        draft: AuditDraft,
+        reply: Reply,
+        /// Someone is waiting for this commit to go on (an access).
+        urgent: bool,
+    },
+    /// Commit whatever is queued now; answered once it is.
+    Flush(oneshot::Sender<()>),
+}
+
 pub struct AuditWriter {
-    tx: mpsc::Sender<(AuditDraft, Reply)>,
+    tx: mpsc::Sender<Queued>,
 }
 
 impl AuditWriter {
     pub fn spawn(store: Arc<dyn Store>) -> Self {
+        Self::spawn_with_linger(store, LINGER)
+    }
+
+    /// [`spawn`](Self::spawn) with another linger (tests).
+    pub fn spawn_with_linger(store: Arc<dyn Store>, linger: Duration) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, rx));
+        tokio::spawn(run(store, rx, linger));
         Self { tx }
     }
 
     /// Returns the event's sequence number once it is committed.
     pub async fn append(&self, draft: AuditDraft) -> Result<i64, StoreError> {
+        self.queue(draft, true).await
+    }
+
+    /// Like [`append`](Self::append), for an event nothing waits on: it may
+    /// wait up to [`LINGER`] to share the next commit.
+    pub async fn append_soon(&self, draft: AuditDraft) -> Result<i64, StoreError> {
+        self.queue(draft, false).await
+    }
+
+    /// Returns once every event queued before the call is committed (or
+    /// failed): a reader of the trail then sees all of them.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Queued::Flush(done)).await.is_ok() {
+            let _ = tokio::time::timeout(COMMIT_TIMEOUT, wait).await;
+        }
+    }
+
+    async fn queue(&self, draft: AuditDraft, urgent: bool) -> Result<i64, StoreError> {
         let (reply, wait) = oneshot::channel();
-        self.tx.send((draft, reply)).await.map_err(|_| StoreError::Unavailable("audit writer stopped".into()))?;
+        self.tx
+            .send(Queued::Event { draft, reply, urgent })
+            .await
+            .map_err(|_| StoreError::Unavailable("audit writer stopped".into()))?;
         match tokio::time::timeout(COMMIT_TIMEOUT, wait).await {
             Ok(Ok(Ok(seq))) => Ok(seq),
             Ok(Ok(Err(msg))) => Err(StoreError::Unavailable(msg)),
@@ -44,35 +92,77 @@ impl AuditWriter {
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<(AuditDraft, Reply)>) {
-    let mut drafts = Vec::with_capacity(MAX_BATCH);
-    let mut replies = Vec::with_capacity(MAX_BATCH);
-    while let Some((d, r)) = rx.recv().await {
-        drafts.push(d);
-        replies.push(r);
-        while drafts.len() < MAX_BATCH {
+async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Queued>, linger: Duration) {
+    let mut batch = Batch::default();
+    while let Some(first) = rx.recv().await {
+        let mut urgent = batch.take(first);
+        while batch.drafts.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok((d, r)) => {
-                    drafts.push(d);
-                    replies.push(r);
-                }
+                Ok(q) => urgent |= batch.take(q),
                 Err(_) => break,
             }
         }
-        let events = drafts.len();
-        match store.append_audit(std::mem::take(&mut drafts)).await {
-            Ok(records) => {
-                for (r, rec) in replies.drain(..).zip(records.iter().map(|r: &AuditRecord| r.seq)) {
-                    let _ = r.send(Ok(rec));
+        // Only events nothing waits on: wait a little for one that is.
+        if !urgent {
+            let deadline = tokio::time::Instant::now() + linger;
+            while batch.drafts.len() < MAX_BATCH {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(q)) => {
+                        if batch.take(q) {
+                            break;
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, events, "audit append failed; refusing the accesses");
-                let msg = e.to_string();
-                for r in replies.drain(..) {
-                    let _ = r.send(Err(msg.clone()));
+        }
+        batch.commit(store.as_ref()).await;
+    }
+}
+
+#[derive(Default)]
+struct Batch {
+    drafts: Vec<AuditDraft>,
+    replies: Vec<Reply>,
+    flushes: Vec<oneshot::Sender<()>>,
+}
+
+impl Batch {
+    /// Adds one queued item; whether someone waits on it.
+    fn take(&mut self, q: Queued) -> bool {
+        match q {
+            Queued::Event { draft, reply, urgent } => {
+                self.drafts.push(draft);
+                self.replies.push(reply);
+                urgent
+            }
+            Queued::Flush(done) => {
+                self.flushes.push(done);
+                true
+            }
+        }
+    }
+
+    async fn commit(&mut self, store: &dyn Store) {
+        let events = self.drafts.len();
+        if events > 0 {
+            match store.append_audit(std::mem::take(&mut self.drafts)).await {
+                Ok(records) => {
+                    for (r, rec) in self.replies.drain(..).zip(records.iter().map(|r: &AuditRecord| r.seq)) {
+                        let _ = r.send(Ok(rec));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, events, "audit append failed; refusing the accesses");
+                    let msg = e.to_string();
+                    for r in self.replies.drain(..) {
+                        let _ = r.send(Err(msg.clone()));
+                    }
                 }
             }
+        }
+        for done in self.flushes.drain(..) {
+            let _ = done.send(());
         }
     }
 }

@@ -888,7 +888,8 @@ impl Vault {
             reason: Some(clean_free_text(&detail)),
             ..draft_base(self.now(), if ok { Outcome::Allowed } else { Outcome::Error }, meta)
         };
-        self.audit_now(draft).await.map(|_| ())
+        // Nothing waits on this one: it shares the next access's commit.
+        self.audit.append_soon(draft).await.map(|_| ()).map_err(CoreError::AuditUnavailable)
     }
 
     /// Policy for one use: `Ok` with what to release, or the audit reason and
@@ -1554,6 +1555,9 @@ impl Vault {
         let org = self.org_for(p, org).await?;
         q.org_id = Some(org.id);
         q.limit = q.limit.clamp(1, 1000);
+        // Outcome events may be lingering for a commit to share: a reader
+        // sees every event recorded before it asked.
+        self.audit.flush().await;
         Ok(self.store.query_audit(&q).await?)
     }
 }

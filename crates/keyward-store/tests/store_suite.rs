@@ -363,6 +363,34 @@ async fn postgres_durability_sets_synchronous_commit() {
     assert_eq!(verified_events(&strict).await, 2);
 }
 
+/// An event nothing waits on lingers for a commit to share: it goes with
+/// the next urgent one, or with a flush (what readers of the trail do
+/// first), and is never lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lingering_events_share_the_next_commit() {
+    use keyward_core::audit_writer::AuditWriter;
+    use std::time::Duration;
+    let (_dir, store) = sqlite().await;
+    // A linger far longer than the test: only a commit can release them.
+    let writer = Arc::new(AuditWriter::spawn_with_linger(store.clone(), Duration::from_secs(60)));
+    let w = writer.clone();
+    let soon = tokio::spawn(async move { w.append_soon(draft("outcome")).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(store.audit_page(0, 10).await.unwrap().is_empty(), "still lingering");
+    let urgent = writer.append(draft("use")).await.unwrap();
+    let soon = tokio::time::timeout(Duration::from_secs(5), soon).await.expect("rode along").unwrap().unwrap();
+    assert_eq!((soon, urgent), (1, 2), "one commit, in queue order");
+
+    let w = writer.clone();
+    let soon = tokio::spawn(async move { w.append_soon(draft("outcome 2")).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(Duration::from_secs(5), writer.flush()).await.expect("flush answers");
+    assert_eq!(store.audit_page(0, 10).await.unwrap().len(), 3, "a flush commits what lingers");
+    assert_eq!(soon.await.unwrap().unwrap(), 3);
+    // With nothing queued, a flush returns at once.
+    tokio::time::timeout(Duration::from_secs(5), writer.flush()).await.expect("idle flush answers");
+}
+
 #[tokio::test]
 async fn sqlite_reopens_migrated_database() {
     let dir = tempfile::tempdir().unwrap();

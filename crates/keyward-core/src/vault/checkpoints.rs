@@ -75,6 +75,7 @@ impl Vault {
     pub async fn audit_head(&self, p: &Principal, org: &str) -> Result<i64, CoreError> {
         self.ensure_unsealed()?;
         self.org_for(p, org).await?;
+        self.audit.flush().await;
         Ok(self.store.audit_tail().await?.0)
     }
 
@@ -110,6 +111,7 @@ impl Vault {
     pub async fn verify_audit(&self, p: &Principal, org: &str) -> Result<VerifyReport, CoreError> {
         self.ensure_unsealed()?;
         self.org_for(p, org).await?;
+        self.audit.flush().await;
         self.walk_chain().await
     }
 
@@ -133,6 +135,7 @@ impl Vault {
     pub async fn export_audit(&self, p: &Principal, after: i64, limit: u32) -> Result<AuditExportPage, CoreError> {
         self.ensure_unsealed()?;
         self.require_operator(p, "audit.export").await?;
+        self.audit.flush().await;
         let events = self.store.audit_page(after.max(0), limit.clamp(1, 5000)).await?;
         let next_after = events.last().map(|r| r.seq);
         Ok(AuditExportPage { events, next_after })
