@@ -3,8 +3,9 @@
 //! order of first appearance) and `CAST(… AS …)` work in both. What differs
 //! is supplied by each backend's inherent methods: `reader()`/`writer()`
 //! pools, `changed(tx)` (PostgreSQL notifies the other replicas),
-//! `lock_audit_tail(tx)` (PostgreSQL serialises appenders across replicas)
-//! and `watch()`.
+//! `lock_audit_tail(tx)` (PostgreSQL serialises appenders across replicas),
+//! `audit_tail_cache()` (SQLite's one process keeps the chain's tail) and
+//! `watch()`.
 
 macro_rules! store_impl {
     ($ty:ty, $backend:literal) => {
