@@ -45,8 +45,8 @@ pub struct SqliteStore {
     write: SqlitePool,
     /// The audit chain's tail as this process last wrote it. One process
     /// owns the database, so the next append can skip reading it back; the
-    /// INSERT still checks it (see `insert_audit`), so a stale value costs a
-    /// retry, never a forked chain.
+    /// primary key refuses a stale one (see `append_audit_after`), so a
+    /// stale value costs a retry, never a forked chain.
     audit_tail: TailCache,
     /// `buffered` durability only: dropping it stops the WAL flusher.
     _wal_flusher: Option<tokio::sync::oneshot::Sender<()>>,

@@ -53,6 +53,21 @@ fn version(secret_id: &str, n: i64) -> SecretVersion {
     }
 }
 
+/// Reads the whole trail back and checks it is one unbroken chain.
+async fn verified_events(store: &dyn Store) -> u64 {
+    let mut v = ChainVerifier::default();
+    let mut after = 0;
+    loop {
+        let page = store.audit_page(after, 500).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        assert!(page.iter().all(|r| v.feed(r)), "chain broken near seq {after}");
+    }
+    let report = v.finish();
+    assert!(report.ok, "{report:?}");
+    report.events
+}
+
 async fn suite(store: Arc<dyn Store>) {
     // Metadata: first writer wins.
     store.insert_meta("k", "v").await.unwrap();
@@ -206,17 +221,7 @@ async fn suite(store: Arc<dyn Store>) {
     for t in tasks {
         t.await.unwrap();
     }
-    let mut v = ChainVerifier::default();
-    let mut after = 0;
-    loop {
-        let page = store.audit_page(after, 100).await.unwrap();
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        assert!(page.iter().all(|r| v.feed(r)));
-    }
-    let report = v.finish();
-    assert!(report.ok, "{report:?}");
-    assert_eq!(report.events, 16 * 5 * 4);
+    assert_eq!(verified_events(&*store).await, 16 * 5 * 4);
 
     let newest = store.query_audit(&AuditQuery { limit: 3, ..Default::default() }).await.unwrap();
     assert_eq!(newest.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![320, 319, 318]);
@@ -277,21 +282,6 @@ async fn postgres_changes_reach_other_replicas() {
     a.set_agent_disabled(&agent.id, true).await.unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(1), news.recv()).await.expect("notified within 1 s").unwrap();
     assert!(keyward_store::open("sqlite:///nonexistent-dir/x.db").await.is_err());
-}
-
-/// Reads the whole trail back and checks it is one unbroken chain.
-async fn verified_events(store: &dyn Store) -> u64 {
-    let mut v = ChainVerifier::default();
-    let mut after = 0;
-    loop {
-        let page = store.audit_page(after, 500).await.unwrap();
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        assert!(page.iter().all(|r| v.feed(r)), "chain broken near seq {after}");
-    }
-    let report = v.finish();
-    assert!(report.ok, "{report:?}");
-    report.events
 }
 
 /// Two handles appending to one trail in turns: each one's idea of the tail
