@@ -20,7 +20,9 @@ use keyward_core::model::*;
 use keyward_core::store::{AuditQuery, StateSnapshot, Store, StoreError, StoreResult};
 
 use crate::migrate::{self, Migration};
-use crate::rows::{AUDIT_COLUMNS, AUDIT_STATEMENT_ROWS, TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
+use crate::rows::{
+    AUDIT_COLUMNS, AUDIT_STATEMENT_MAX_ROWS, STATEMENT_CACHE, TABLE_COUNTS, corrupt, hash32, micros, opt_micros,
+};
 use crate::store_impl::{TailCache, cache_tail};
 use crate::{Durability, map_err};
 
@@ -58,6 +60,7 @@ impl PgStore {
     pub async fn open_with(url: &str, durability: Durability) -> StoreResult<Self> {
         let mut options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::Other(format!("database URL: {e}")))?;
+        options = options.statement_cache_capacity(STATEMENT_CACHE);
         if durability == Durability::Buffered {
             options = options.options([("synchronous_commit", "off")]);
         }
@@ -142,6 +145,15 @@ impl PgStore {
 
     fn writer(&self) -> &PgPool {
         &self.pool
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
+    async fn insert_audit_autocommit(&self, records: &[AuditRecord]) -> StoreResult<()> {
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        insert_audit(&mut conn, records).await
     }
 
     /// Tells every replica, inside the change's own transaction.

@@ -414,12 +414,9 @@ macro_rules! row_writers {
         /// Inserts audit records, many rows per statement: one round trip
         /// per chunk instead of one per event keeps group commit cheap.
         async fn insert_audit(c: &mut $conn, records: &[AuditRecord]) -> StoreResult<()> {
-            // Statements of a few fixed sizes only, so each shape is prepared
-            // once per connection and then served from the statement cache
-            // (a statement per batch size would be re-parsed every time).
             let mut rest = records;
             while !rest.is_empty() {
-                let n = AUDIT_STATEMENT_ROWS.iter().copied().find(|&n| n <= rest.len()).unwrap_or(1);
+                let n = rest.len().min(AUDIT_STATEMENT_MAX_ROWS);
                 let (chunk, tail) = rest.split_at(n);
                 rest = tail;
                 let mut q = sqlx::QueryBuilder::<$db>::new(
@@ -560,12 +557,17 @@ macro_rules! row_writers {
 
 pub(crate) use row_writers;
 
-/// Rows per audit INSERT statement: a batch is split greedily into these
-/// (19 parameters a row: 256 rows stay far below both databases' limits).
-/// Powers of two: the small batches of a lightly loaded server (1, 2, 4
-/// events) are one statement each, which SQLite commits without a
-/// transaction round trip (see `append_audit`).
-pub(crate) const AUDIT_STATEMENT_ROWS: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
+/// Rows per audit INSERT statement at most (19 parameters a row: far below
+/// both databases' limits). A batch up to this size is one statement of
+/// exactly its size: one round trip to the database, committed without a
+/// transaction around it (see `append_audit_after`). Each size is prepared
+/// once per connection and then served from the statement cache, which
+/// [`STATEMENT_CACHE`] makes large enough to keep all of them.
+pub(crate) const AUDIT_STATEMENT_MAX_ROWS: usize = 64;
+
+/// Prepared statements kept per connection: every audit INSERT size
+/// (1..=[`AUDIT_STATEMENT_MAX_ROWS`]) plus the rest of keyward's queries.
+pub(crate) const STATEMENT_CACHE: usize = 256;
 
 /// Every table keyward keeps, with the query counting its rows.
 pub(crate) const TABLE_COUNTS: &[(&str, &str)] = &[

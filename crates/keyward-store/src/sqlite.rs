@@ -21,7 +21,9 @@ use keyward_core::model::*;
 use keyward_core::store::{AuditQuery, StateSnapshot, Store, StoreError, StoreResult};
 
 use crate::migrate::{self, Migration};
-use crate::rows::{AUDIT_COLUMNS, AUDIT_STATEMENT_ROWS, TABLE_COUNTS, corrupt, hash32, micros, opt_micros};
+use crate::rows::{
+    AUDIT_COLUMNS, AUDIT_STATEMENT_MAX_ROWS, STATEMENT_CACHE, TABLE_COUNTS, corrupt, hash32, micros, opt_micros,
+};
 use crate::store_impl::{TailCache, cache_tail};
 use crate::{Durability, map_err};
 
@@ -48,6 +50,14 @@ pub struct SqliteStore {
     /// primary key refuses a stale one (see `append_audit_after`), so a
     /// stale value costs a retry, never a forked chain.
     audit_tail: TailCache,
+    /// The audit writer's own connection, outside the pool: a pooled
+    /// connection is pinged on every release, a second round trip to
+    /// SQLite's thread per commit, which was half of a lightly loaded
+    /// server's audit latency. It only ever runs single autocommit INSERTs
+    /// (atomic, and SQLite's busy handler waits for the write lock), and the
+    /// pool's transactions begin IMMEDIATE, so the two writers serialise
+    /// without one invalidating the other's snapshot.
+    audit_conn: tokio::sync::Mutex<sqlx::SqliteConnection>,
     /// `buffered` durability only: dropping it stops the WAL flusher.
     _wal_flusher: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -71,6 +81,7 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(synchronous)
             .foreign_keys(true)
+            .statement_cache_capacity(STATEMENT_CACHE)
             .busy_timeout(Duration::from_secs(5));
         // The connections are in-process: nothing can hang up on them, so the
         // pool's ping before each acquire would only add a thread round trip.
@@ -87,11 +98,12 @@ impl SqliteStore {
             .max_connections(4)
             .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(opts.read_only(true))
+            .connect_with(opts.clone().read_only(true))
             .await
             .map_err(map_err)?;
+        let audit_conn = tokio::sync::Mutex::new(sqlx::ConnectOptions::connect(&opts).await.map_err(map_err)?);
         let wal_flusher = (durability == Durability::Buffered).then(|| spawn_wal_flusher(path));
-        Ok(Self { read, write, audit_tail: std::sync::Mutex::new(None), _wal_flusher: wal_flusher })
+        Ok(Self { read, write, audit_tail: std::sync::Mutex::new(None), audit_conn, _wal_flusher: wal_flusher })
     }
 }
 
@@ -166,6 +178,18 @@ impl SqliteStore {
 
     fn writer(&self) -> &SqlitePool {
         &self.write
+    }
+
+    /// IMMEDIATE: the write lock is taken at BEGIN, so a transaction that
+    /// reads before it writes cannot find its snapshot outdated by the
+    /// audit connection's commits (SQLITE_BUSY_SNAPSHOT) halfway through.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.write.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    async fn insert_audit_autocommit(&self, records: &[AuditRecord]) -> StoreResult<()> {
+        let mut conn = self.audit_conn.lock().await;
+        insert_audit(&mut conn, records).await
     }
 
     /// One process owns the database: the Vault drops its own caches.

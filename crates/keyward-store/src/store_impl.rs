@@ -2,7 +2,8 @@
 //! PostgreSQL. The SQL is shared: `$N` placeholders (SQLite numbers them in
 //! order of first appearance) and `CAST(… AS …)` work in both. What differs
 //! is supplied by each backend's inherent methods: `reader()`/`writer()`
-//! pools, `changed(tx)` (PostgreSQL notifies the other replicas),
+//! pools, `begin_write()` (a write transaction), `insert_audit_autocommit`
+//! (one audit INSERT on its own), `changed(tx)` (PostgreSQL notifies the other replicas),
 //! `lock_audit_tail(tx)` (PostgreSQL serialises appenders across replicas),
 //! `audit_tail_cache()` (SQLite's one process keeps the chain's tail) and
 //! `watch()`.
@@ -40,7 +41,7 @@ macro_rules! store_impl {
             }
 
             async fn insert_meta(&self, key: &str, value: &str) -> StoreResult<()> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2)")
                     .bind(key)
                     .bind(value)
@@ -51,7 +52,7 @@ macro_rules! store_impl {
             }
 
             async fn create_org(&self, org: &OrgRecord) -> StoreResult<()> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 insert_org(&mut tx, org).await?;
                 Self::changed(&mut tx).await?;
                 tx.commit().await.map_err(map_err)
@@ -81,7 +82,7 @@ macro_rules! store_impl {
             }
 
             async fn create_secret(&self, s: &Secret, v: &SecretVersion) -> StoreResult<()> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 insert_secret(&mut tx, s).await?;
                 insert_version(&mut tx, v).await?;
                 Self::changed(&mut tx).await?;
@@ -134,14 +135,14 @@ macro_rules! store_impl {
                 at: OffsetDateTime,
                 grace_until: Option<OffsetDateTime>,
             ) -> StoreResult<()> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 rotate_versions(&mut tx, next, at, grace_until).await?;
                 Self::changed(&mut tx).await?;
                 tx.commit().await.map_err(map_err)
             }
 
             async fn rollback_secret(&self, secret_id: &str, at: OffsetDateTime) -> StoreResult<Option<i64>> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 let v = rollback_versions(&mut tx, secret_id, at).await?;
                 Self::changed(&mut tx).await?;
                 tx.commit().await.map_err(map_err)?;
@@ -149,14 +150,14 @@ macro_rules! store_impl {
             }
 
             async fn add_pending_version(&self, pending: &SecretVersion) -> StoreResult<()> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 insert_version(&mut tx, &SecretVersion { state: VersionState::Pending, ..pending.clone() }).await?;
                 Self::changed(&mut tx).await?;
                 tx.commit().await.map_err(map_err)
             }
 
             async fn promote_pending(&self, secret_id: &str, version: i64, at: OffsetDateTime) -> StoreResult<bool> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 let state: Option<String> =
                     sqlx::query_scalar("SELECT state FROM secret_versions WHERE secret_id = $1 AND version = $2")
                         .bind(secret_id)
@@ -201,7 +202,7 @@ macro_rules! store_impl {
                 auto: Option<&AutoRotation>,
                 at: OffsetDateTime,
             ) -> StoreResult<bool> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 let done = sqlx::query(
                     "UPDATE secrets SET rotate_every_secs = $1, auto_rotation = $2, updated_at = $3 WHERE id = $4",
                 )
@@ -228,7 +229,7 @@ macro_rules! store_impl {
             }
 
             async fn expire_grace(&self, now: OffsetDateTime) -> StoreResult<u64> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 let n = expire_grace_in(&mut tx, now).await?;
                 if n > 0 {
                     Self::changed(&mut tx).await?;
@@ -238,7 +239,7 @@ macro_rules! store_impl {
             }
 
             async fn revoke_versions(&self, secret_id: &str, version: Option<i64>, at: OffsetDateTime) -> StoreResult<u64> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 let done = sqlx::query(
                     "UPDATE secret_versions SET state = 'revoked', revoked_at = $1 \
                      WHERE secret_id = $2 AND state <> 'revoked' AND (CAST($3 AS BIGINT) IS NULL OR version = $4)",
@@ -254,7 +255,7 @@ macro_rules! store_impl {
             }
 
             async fn delete_secret(&self, secret_id: &str) -> StoreResult<bool> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 for sql in ["DELETE FROM grants WHERE secret_id = $1", "DELETE FROM secret_versions WHERE secret_id = $1"] {
                     sqlx::query(sql).bind(secret_id).execute(&mut *tx).await.map_err(map_err)?;
                 }
@@ -269,7 +270,7 @@ macro_rules! store_impl {
             }
 
             async fn create_agent(&self, a: &Agent, t: &AgentToken) -> StoreResult<()> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 insert_agent(&mut tx, a).await?;
                 insert_agent_token(&mut tx, t).await?;
                 Self::changed(&mut tx).await?;
@@ -297,7 +298,7 @@ macro_rules! store_impl {
             }
 
             async fn set_agent_disabled(&self, agent_id: &str, disabled: bool) -> StoreResult<bool> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 let done = sqlx::query("UPDATE agents SET disabled = $1 WHERE id = $2")
                     .bind(disabled)
                     .bind(agent_id)
@@ -326,14 +327,14 @@ macro_rules! store_impl {
             }
 
             async fn rotate_agent_token(&self, new: &AgentToken, old_until: OffsetDateTime) -> StoreResult<()> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 rotate_agent_tokens(&mut tx, new, old_until).await?;
                 Self::changed(&mut tx).await?;
                 tx.commit().await.map_err(map_err)
             }
 
             async fn put_grant(&self, g: &Grant) -> StoreResult<()> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 upsert_grant(&mut tx, g).await?;
                 Self::changed(&mut tx).await?;
                 tx.commit().await.map_err(map_err)
@@ -371,7 +372,7 @@ macro_rules! store_impl {
             }
 
             async fn delete_grant(&self, agent_id: &str, secret_id: &str) -> StoreResult<bool> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 let done = sqlx::query("DELETE FROM grants WHERE agent_id = $1 AND secret_id = $2")
                     .bind(agent_id)
                     .bind(secret_id)
@@ -382,7 +383,7 @@ macro_rules! store_impl {
             }
 
             async fn create_user_token(&self, t: &UserToken) -> StoreResult<()> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 insert_user_token(&mut tx, t).await?;
                 Self::changed(&mut tx).await?;
                 tx.commit().await.map_err(map_err)
@@ -485,7 +486,7 @@ macro_rules! store_impl {
                 if let Some(cache) = self.audit_tail_cache() {
                     cache_tail(cache, None);
                 }
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 let anchored: Option<i64> = sqlx::query_scalar("SELECT seq FROM audit_checkpoints WHERE seq = $1")
                     .bind(through_seq)
                     .fetch_optional(&mut *tx)
@@ -746,14 +747,14 @@ macro_rules! store_impl {
             }
 
             async fn export_state(&self) -> StoreResult<StateSnapshot> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 let s = export_state_from(&mut tx).await?;
                 tx.commit().await.map_err(map_err)?;
                 Ok(s)
             }
 
             async fn import_state(&self, snapshot: &StateSnapshot) -> StoreResult<()> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 import_state_into(&mut tx, snapshot).await?;
                 Self::changed(&mut tx).await?;
                 tx.commit().await.map_err(map_err)
@@ -763,7 +764,7 @@ macro_rules! store_impl {
                 if let Some(cache) = self.audit_tail_cache() {
                     cache_tail(cache, None);
                 }
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 insert_audit(&mut tx, records).await?;
                 tx.commit().await.map_err(map_err)
             }
@@ -778,7 +779,7 @@ macro_rules! store_impl {
             /// Appends after the tail read inside the transaction (and, on
             /// PostgreSQL, under the lock that serialises replicas).
             async fn append_audit_reading_tail(&self, batch: Vec<AuditDraft>) -> StoreResult<Vec<AuditRecord>> {
-                let mut tx = self.writer().begin().await.map_err(map_err)?;
+                let mut tx = self.begin_write().await.map_err(map_err)?;
                 // Held until commit: one appender at a time (across every replica).
                 Self::lock_audit_tail(&mut tx).await?;
                 let tail = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
@@ -803,11 +804,10 @@ macro_rules! store_impl {
             /// database, which is what a lightly loaded server's latency is
             /// made of.
             async fn append_audit_after(&self, records: &[AuditRecord]) -> StoreResult<bool> {
-                let written = if AUDIT_STATEMENT_ROWS.contains(&records.len()) {
-                    let mut c = self.writer().acquire().await.map_err(map_err)?;
-                    insert_audit(&mut c, records).await
+                let written = if records.len() <= AUDIT_STATEMENT_MAX_ROWS {
+                    self.insert_audit_autocommit(records).await
                 } else {
-                    let mut tx = self.writer().begin().await.map_err(map_err)?;
+                    let mut tx = self.begin_write().await.map_err(map_err)?;
                     match insert_audit(&mut tx, records).await {
                         Ok(()) => tx.commit().await.map_err(map_err),
                         Err(e) => Err(e), // dropping `tx` rolls back

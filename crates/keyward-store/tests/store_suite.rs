@@ -240,6 +240,66 @@ async fn sqlite_store_suite() {
     suite(store).await;
 }
 
+/// SQLite has two writer connections: the audit writer's own (single
+/// autocommit INSERTs) and the pool's (transactions). Under a continuous
+/// stream of small audit appends, transactions that read before they write
+/// (a rotation) must still never fail, and appends through both paths and
+/// through a second store on the same file (its own tail cache, stale at
+/// once) must still form one unbroken chain.
+#[tokio::test]
+async fn sqlite_audit_connection_and_transactions_share_the_file() {
+    let (dir, store) = sqlite().await;
+    let other = keyward_store::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+    let org = Org { id: new_id("org"), name: "o".into(), created_at: now() };
+    store.create_org(&OrgRecord { org: org.clone(), wrapped_key: vec![0] }).await.unwrap();
+    let s = Secret {
+        id: new_id("sec"),
+        org_id: org.id.clone(),
+        name: "k".into(),
+        provider: "openai".into(),
+        upstream: None,
+        allow_internal: false,
+        inject: None,
+        rotate_every_secs: None,
+        auto_rotation: None,
+        description: None,
+        tags: vec![],
+        expires_at: None,
+        created_at: now(),
+        updated_at: now(),
+    };
+    store.create_secret(&s, &version(&s.id, 1)).await.unwrap();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut appenders = Vec::new();
+    for (w, st) in [store.clone(), store.clone(), other.clone()].into_iter().enumerate() {
+        let stop = stop.clone();
+        appenders.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Small batches take the audit connection; every tenth is
+                // larger than one statement and takes a pool transaction.
+                let size = if n % 10 == 9 { 70 } else { 3 };
+                let batch: Vec<_> = (0..size).map(|j| draft(&format!("w{w}.{n}.{j}"))).collect();
+                st.append_audit(batch).await.unwrap();
+                n += size;
+            }
+            n
+        }));
+    }
+    for v in 2..=40 {
+        store.rotate_secret(&version(&s.id, v), now(), None).await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut appended = 0;
+    for a in appenders {
+        appended += a.await.unwrap();
+    }
+    assert_eq!(store.current_version(&s.id).await.unwrap().unwrap().version, 40);
+    assert!(appended > 0);
+    assert_eq!(verified_events(&*store).await, appended);
+}
+
 #[tokio::test]
 async fn postgres_store_suite() {
     let Some(db) = keyward_store::testing::TestSchema::create().await else { return };
