@@ -276,7 +276,9 @@ fn upstream_error(e: &reqwest::Error) -> ApiError {
 }
 
 pub async fn handle(State(s): State<AppState>, Meta(meta): Meta, req: Request) -> Response {
-    match forward(s, meta, req).await {
+    // Boxed: the request's whole state machine is several kilobytes, and
+    // unboxed it is copied through every layer of the router on each call.
+    match Box::pin(forward(s, meta, req)).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
