@@ -126,8 +126,16 @@ async fn lost_notifications_do_not_leave_stale_grants() {
     a.put_secret(None, "k", "value-1234567", &[]);
     let token = a.agent(None, "bot");
     a.grant(None, "bot", "k", "reveal", &[]);
-    // Let B hear about those changes first, then fill its cache.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let B hear about those changes first, then fill its cache. A
+    // notification that reached B only after the fill would empty the cache
+    // again, so wait until B serves the grant, then for stragglers (a busy
+    // machine delays them), then fill.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.resolve(&token, "k").await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "B never saw the grant");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(b.resolve(&token, "k").await.0, 200); // cached on B now
 
     // The grant disappears behind keyward's back: no NOTIFY is sent.
