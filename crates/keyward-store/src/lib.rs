@@ -8,6 +8,7 @@ mod migrate;
 mod postgres;
 mod rows;
 mod sqlite;
+mod sqlite_audit;
 mod store_impl;
 #[cfg(feature = "test-support")]
 pub mod testing;

@@ -151,9 +151,22 @@ impl PgStore {
         self.pool.begin().await
     }
 
-    async fn insert_audit_autocommit(&self, records: &[AuditRecord]) -> StoreResult<()> {
-        let mut conn = self.pool.acquire().await.map_err(map_err)?;
-        insert_audit(&mut conn, records).await
+    /// Inserts records already chained, atomically; hands them back. (Only
+    /// a store with a tail cache appends this way; replicas read the tail
+    /// under their lock instead.) A batch of one statement needs no
+    /// transaction around it.
+    async fn insert_audit_chained(&self, records: Vec<AuditRecord>) -> (Vec<AuditRecord>, StoreResult<()>) {
+        let written = async {
+            if records.len() <= AUDIT_STATEMENT_MAX_ROWS {
+                let mut conn = self.pool.acquire().await.map_err(map_err)?;
+                return insert_audit(&mut conn, &records).await;
+            }
+            let mut tx = self.begin_write().await.map_err(map_err)?;
+            insert_audit(&mut tx, &records).await?; // dropping `tx` rolls back
+            tx.commit().await.map_err(map_err)
+        }
+        .await;
+        (records, written)
     }
 
     /// Tells every replica, inside the change's own transaction.

@@ -560,7 +560,7 @@ pub(crate) use row_writers;
 /// Rows per audit INSERT statement at most (19 parameters a row: far below
 /// both databases' limits). A batch up to this size is one statement of
 /// exactly its size: one round trip to the database, committed without a
-/// transaction around it (see `append_audit_after`). Each size is prepared
+/// transaction around it (see `insert_audit_chained`). Each size is prepared
 /// once per connection and then served from the statement cache, which
 /// [`STATEMENT_CACHE`] makes large enough to keep all of them.
 pub(crate) const AUDIT_STATEMENT_MAX_ROWS: usize = 64;

@@ -24,6 +24,7 @@ use crate::migrate::{self, Migration};
 use crate::rows::{
     AUDIT_COLUMNS, AUDIT_STATEMENT_MAX_ROWS, STATEMENT_CACHE, TABLE_COUNTS, corrupt, hash32, micros, opt_micros,
 };
+use crate::sqlite_audit::AuditConnection;
 use crate::store_impl::{TailCache, cache_tail};
 use crate::{Durability, map_err};
 
@@ -50,14 +51,9 @@ pub struct SqliteStore {
     /// primary key refuses a stale one (see `append_audit_after`), so a
     /// stale value costs a retry, never a forked chain.
     audit_tail: TailCache,
-    /// The audit writer's own connection, outside the pool: a pooled
-    /// connection is pinged on every release, a second round trip to
-    /// SQLite's thread per commit, which was half of a lightly loaded
-    /// server's audit latency. It only ever runs single autocommit INSERTs
-    /// (atomic, and SQLite's busy handler waits for the write lock), and the
-    /// pool's transactions begin IMMEDIATE, so the two writers serialise
-    /// without one invalidating the other's snapshot.
-    audit_conn: tokio::sync::Mutex<sqlx::SqliteConnection>,
+    /// The audit writer's own connection, outside the pool and outside
+    /// sqlx (see `sqlite_audit`): the one write on every access's path.
+    audit_conn: AuditConnection,
     /// `buffered` durability only: dropping it stops the WAL flusher.
     _wal_flusher: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -101,8 +97,8 @@ impl SqliteStore {
             .connect_with(opts.clone().read_only(true))
             .await
             .map_err(map_err)?;
-        let audit_conn = tokio::sync::Mutex::new(sqlx::ConnectOptions::connect(&opts).await.map_err(map_err)?);
-        let wal_flusher = (durability == Durability::Buffered).then(|| spawn_wal_flusher(path));
+        let audit_conn = AuditConnection::open(path, durability)?;
+        let wal_flusher = (durability == Durability::Buffered).then(|| spawn_wal_flusher(path, write.clone()));
         Ok(Self { read, write, audit_tail: std::sync::Mutex::new(None), audit_conn, _wal_flusher: wal_flusher })
     }
 }
@@ -111,10 +107,12 @@ impl SqliteStore {
 pub const BUFFERED_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// `buffered` durability: syncs the WAL file every [`BUFFERED_FLUSH_EVERY`],
-/// so what was committed before a flush is on disk after it. The file is
-/// opened afresh each time (SQLite may recreate it). Ends when the store
-/// drops the returned sender.
-fn spawn_wal_flusher(db: &Path) -> tokio::sync::oneshot::Sender<()> {
+/// so what was committed before a flush is on disk after it, and moves the
+/// WAL into the database (a passive checkpoint, through the pool's writer):
+/// the audit connection, which commits on async workers, leaves that fsync
+/// to this task. The file is opened afresh each time (SQLite may recreate
+/// it). Ends when the store drops the returned sender.
+fn spawn_wal_flusher(db: &Path, write: SqlitePool) -> tokio::sync::oneshot::Sender<()> {
     let wal = std::path::PathBuf::from(format!("{}-wal", db.display()));
     let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -133,6 +131,9 @@ fn spawn_wal_flusher(db: &Path) -> tokio::sync::oneshot::Sender<()> {
             {
                 tracing::warn!(error = %e, "could not flush the SQLite WAL to disk");
             }
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&write).await {
+                tracing::warn!(error = %e, "could not checkpoint the SQLite WAL");
+            }
             if last {
                 break;
             }
@@ -142,10 +143,15 @@ fn spawn_wal_flusher(db: &Path) -> tokio::sync::oneshot::Sender<()> {
 }
 
 impl SqliteStore {
-    /// What the write connection syncs a commit with: `PRAGMA synchronous`
-    /// as SQLite reports it (2 = FULL, 1 = NORMAL).
+    /// What the connections that write sync a commit with: `PRAGMA
+    /// synchronous` as SQLite reports it (2 = FULL, 1 = NORMAL); an error if
+    /// the pool's writer and the audit connection disagree.
     pub async fn commit_sync_setting(&self) -> StoreResult<String> {
         let level: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&self.write).await.map_err(map_err)?;
+        let audit = self.audit_conn.sync_setting()?;
+        if audit != level {
+            return Err(StoreError::Other(format!("the audit connection syncs at level {audit}, the pool at {level}")));
+        }
         Ok(level.to_string())
     }
 
@@ -187,9 +193,9 @@ impl SqliteStore {
         self.write.begin_with("BEGIN IMMEDIATE").await
     }
 
-    async fn insert_audit_autocommit(&self, records: &[AuditRecord]) -> StoreResult<()> {
-        let mut conn = self.audit_conn.lock().await;
-        insert_audit(&mut conn, records).await
+    /// Inserts records already chained, atomically; hands them back.
+    async fn insert_audit_chained(&self, records: Vec<AuditRecord>) -> (Vec<AuditRecord>, StoreResult<()>) {
+        self.audit_conn.insert(records).await
     }
 
     /// One process owns the database: the Vault drops its own caches.

@@ -2,8 +2,8 @@
 //! PostgreSQL. The SQL is shared: `$N` placeholders (SQLite numbers them in
 //! order of first appearance) and `CAST(… AS …)` work in both. What differs
 //! is supplied by each backend's inherent methods: `reader()`/`writer()`
-//! pools, `begin_write()` (a write transaction), `insert_audit_autocommit`
-//! (one audit INSERT on its own), `changed(tx)` (PostgreSQL notifies the other replicas),
+//! pools, `begin_write()` (a write transaction), `insert_audit_chained`
+//! (records already chained, written atomically), `changed(tx)` (PostgreSQL notifies the other replicas),
 //! `lock_audit_tail(tx)` (PostgreSQL serialises appenders across replicas),
 //! `audit_tail_cache()` (SQLite's one process keeps the chain's tail) and
 //! `watch()`.
@@ -405,8 +405,8 @@ macro_rules! store_impl {
                 let known = *cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let batch = match known {
                     Some(tail) => {
-                        let records = chain_owned(tail.0, tail.1, batch);
-                        match self.append_audit_after(&records).await {
+                        let (records, written) = self.append_audit_after(chain_owned(tail.0, tail.1, batch)).await;
+                        match written {
                             Ok(true) => {
                                 cache_tail(cache, records.last().map(|r| (r.seq, r.hash)));
                                 return Ok(records);
@@ -796,28 +796,18 @@ macro_rules! store_impl {
                 Ok(records)
             }
 
-            /// Appends records already chained after `tail`, the tail this
-            /// process last wrote. If anyone else appended since, the first
-            /// record's sequence number is taken: the primary key refuses it
-            /// and nothing is written (`Ok(false)`, chain again). A batch that
-            /// fits one statement needs no transaction: one round trip to the
-            /// database, which is what a lightly loaded server's latency is
-            /// made of.
-            async fn append_audit_after(&self, records: &[AuditRecord]) -> StoreResult<bool> {
-                let written = if records.len() <= AUDIT_STATEMENT_MAX_ROWS {
-                    self.insert_audit_autocommit(records).await
-                } else {
-                    let mut tx = self.begin_write().await.map_err(map_err)?;
-                    match insert_audit(&mut tx, records).await {
-                        Ok(()) => tx.commit().await.map_err(map_err),
-                        Err(e) => Err(e), // dropping `tx` rolls back
-                    }
-                };
-                match written {
+            /// Appends records already chained after the tail this process
+            /// last wrote; hands them back. If anyone else appended since,
+            /// the first record's sequence number is taken: the primary key
+            /// refuses it and nothing is written (`Ok(false)`, chain again).
+            async fn append_audit_after(&self, records: Vec<AuditRecord>) -> (Vec<AuditRecord>, StoreResult<bool>) {
+                let (records, written) = self.insert_audit_chained(records).await;
+                let written = match written {
                     Ok(()) => Ok(true),
                     Err(StoreError::Duplicate { .. }) => Ok(false),
                     Err(e) => Err(e),
-                }
+                };
+                (records, written)
             }
         }
     };

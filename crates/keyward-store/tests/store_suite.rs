@@ -246,10 +246,22 @@ async fn sqlite_store_suite() {
 /// (a rotation) must still never fail, and appends through both paths and
 /// through a second store on the same file (its own tail cache, stale at
 /// once) must still form one unbroken chain.
-#[tokio::test]
+/// Both durabilities: `buffered` tries each small append on the caller's
+/// thread first and falls back to waiting on a blocking thread when a
+/// transaction holds the write lock, which this provokes again and again
+/// (appenders and transactions run in parallel on two workers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_audit_connection_and_transactions_share_the_file() {
-    let (dir, store) = sqlite().await;
-    let other = keyward_store::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+    for durability in [keyward_store::Durability::Fsync, keyward_store::Durability::Buffered] {
+        audit_connection_and_transactions_share_the_file(durability).await;
+    }
+}
+
+async fn audit_connection_and_transactions_share_the_file(durability: keyward_store::Durability) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let store = keyward_store::open_with(&url, durability).await.unwrap();
+    let other = keyward_store::open_with(&url, durability).await.unwrap();
     let org = Org { id: new_id("org"), name: "o".into(), created_at: now() };
     store.create_org(&OrgRecord { org: org.clone(), wrapped_key: vec![0] }).await.unwrap();
     let s = Secret {
@@ -276,19 +288,25 @@ async fn sqlite_audit_connection_and_transactions_share_the_file() {
         let stop = stop.clone();
         appenders.push(tokio::spawn(async move {
             let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                // Small batches take the audit connection; every tenth is
-                // larger than one statement and takes a pool transaction.
-                let size = if n % 10 == 9 { 70 } else { 3 };
+            for round in 0u64.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                // Most batches fit one statement; every tenth does not.
+                let size = if round % 10 == 9 { 70 } else { 3 };
                 let batch: Vec<_> = (0..size).map(|j| draft(&format!("w{w}.{n}.{j}"))).collect();
                 st.append_audit(batch).await.unwrap();
                 n += size;
+                // An append may finish without waiting: let the others run.
+                tokio::task::yield_now().await;
             }
             n
         }));
     }
     for v in 2..=40 {
         store.rotate_secret(&version(&s.id, v), now(), None).await.unwrap();
+        // Leave the appenders time between transactions too.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut appended = 0;

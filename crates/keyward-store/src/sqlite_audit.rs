@@ -1,0 +1,206 @@
+//! SQLite's audit appends, on a connection of their own driven directly
+//! (rusqlite) instead of through sqlx's worker thread.
+//!
+//! Every access waits for its audit record's commit, so this is the one
+//! write on a proxied request's path. Through sqlx each commit was a round
+//! trip to SQLite's thread and back; here it is a function call: with
+//! `buffered` durability (a commit is a write into the OS cache, tens of
+//! microseconds) the INSERT runs on the caller's thread, and only when it
+//! would wait (another writer holds the lock) or fsync (`fsync` durability,
+//! batches over one statement) does it move to a blocking thread.
+//!
+//! The connection only ever runs single autocommit INSERTs or explicit
+//! `BEGIN IMMEDIATE` transactions, and the pool's transactions begin
+//! IMMEDIATE too, so the two writers serialise on SQLite's write lock
+//! without one invalidating the other's snapshot.
+
+use std::path::Path;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::time::Duration;
+
+use keyward_core::audit::AuditRecord;
+use keyward_core::store::{StoreError, StoreResult};
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+use crate::Durability;
+use crate::rows::{AUDIT_COLUMNS, AUDIT_STATEMENT_MAX_ROWS, micros};
+
+/// How long an append waits for the write lock on a blocking thread, the
+/// same as the pool's connections.
+const BUSY_WAIT: Duration = Duration::from_secs(5);
+
+/// The INSERT for each batch size, `INSERTS[n - 1]` for n rows.
+static INSERTS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    let row = format!("({})", vec!["?"; AUDIT_COLUMNS.split(',').count()].join(", "));
+    (1..=AUDIT_STATEMENT_MAX_ROWS)
+        .map(|n| format!("INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES {}", vec![row.as_str(); n].join(", ")))
+        .collect()
+});
+
+pub(crate) struct AuditConnection {
+    conn: Arc<Mutex<Connection>>,
+    /// Try the INSERT on the caller's thread first (`buffered` only: a
+    /// commit that fsyncs must not hold an async worker).
+    inline: bool,
+}
+
+impl AuditConnection {
+    /// Opens the (already created and migrated) database at `path`.
+    pub(crate) fn open(path: &Path, durability: Durability) -> StoreResult<Self> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )
+        .map_err(sqlite_err)?;
+        let synchronous = match durability {
+            Durability::Fsync => "FULL",
+            Durability::Buffered => "NORMAL",
+        };
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite_err)?;
+        conn.pragma_update(None, "synchronous", synchronous).map_err(sqlite_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(sqlite_err)?;
+        if durability == Durability::Buffered {
+            // A checkpoint fsyncs: the WAL flusher runs it on its own thread
+            // rather than this connection on an async worker.
+            conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(sqlite_err)?;
+        }
+        conn.busy_timeout(BUSY_WAIT).map_err(sqlite_err)?;
+        // Every batch size, plus the transaction statements.
+        conn.set_prepared_statement_cache_capacity(AUDIT_STATEMENT_MAX_ROWS + 8);
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), inline: durability == Durability::Buffered })
+    }
+
+    /// `PRAGMA synchronous` of this connection (2 = FULL, 1 = NORMAL).
+    pub(crate) fn sync_setting(&self) -> StoreResult<i64> {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        conn.pragma_query_value(None, "synchronous", |r| r.get(0)).map_err(sqlite_err)
+    }
+
+    /// Inserts `records` atomically: all or none. Hands them back with the
+    /// result (a blocking thread had to own them).
+    pub(crate) async fn insert(&self, records: Vec<AuditRecord>) -> (Vec<AuditRecord>, StoreResult<()>) {
+        if self.inline
+            && records.len() <= AUDIT_STATEMENT_MAX_ROWS
+            && let Ok(conn) = self.conn.try_lock()
+        {
+            // Never wait on this thread: a busy database goes to a blocking thread.
+            let tried = conn.busy_timeout(Duration::ZERO).and_then(|()| insert_statement(&conn, &records));
+            let restored = conn.busy_timeout(BUSY_WAIT);
+            match (tried, restored) {
+                (Ok(()), Ok(())) => return (records, Ok(())),
+                (Ok(()), Err(e)) => return (records, Err(sqlite_err(e))),
+                (Err(e), _) if !is_busy(&e) => return (records, Err(sqlite_err(e))),
+                // Busy: nothing was written; wait for the lock below.
+                (Err(_), _) => {}
+            }
+        }
+        let conn = self.conn.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            let written = insert_all(&conn, &records);
+            (records, written)
+        })
+        .await;
+        match joined {
+            Ok((records, written)) => (records, written.map_err(sqlite_err)),
+            // The closure does not panic short of a bug; the records went with it.
+            Err(e) => (Vec::new(), Err(StoreError::Unavailable(format!("audit append task failed: {e}")))),
+        }
+    }
+}
+
+/// One statement when the batch fits one, else a transaction of chunks.
+fn insert_all(conn: &Connection, records: &[AuditRecord]) -> rusqlite::Result<()> {
+    if records.len() <= AUDIT_STATEMENT_MAX_ROWS {
+        return insert_statement(conn, records);
+    }
+    conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    let written = records.chunks(AUDIT_STATEMENT_MAX_ROWS).try_for_each(|chunk| insert_statement(conn, chunk));
+    let ended = match written {
+        Ok(()) => conn.prepare_cached("COMMIT").and_then(|mut s| s.execute([])),
+        Err(_) => conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([])),
+    };
+    written?;
+    if ended.is_err() && !conn.is_autocommit() {
+        // A failed COMMIT leaves the transaction open: end it, so the next
+        // append does not run inside it.
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    ended.map(drop)
+}
+
+/// One INSERT of 1..=[`AUDIT_STATEMENT_MAX_ROWS`] rows.
+fn insert_statement(conn: &Connection, records: &[AuditRecord]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(&INSERTS[records.len() - 1])?;
+    let mut i = 0;
+    let mut bind = |v: &dyn rusqlite::ToSql| {
+        i += 1;
+        stmt.raw_bind_parameter(i, v)
+    };
+    for r in records {
+        let e = &r.event;
+        bind(&r.seq)?;
+        bind(&micros(e.time))?;
+        bind(&e.org_id)?;
+        bind(&e.actor.kind.as_str())?;
+        bind(&e.actor.id)?;
+        bind(&e.actor.name)?;
+        bind(&e.actor.token_id)?;
+        bind(&e.action)?;
+        bind(&e.secret_id)?;
+        bind(&e.secret_name)?;
+        bind(&e.secret_version)?;
+        bind(&e.purpose)?;
+        bind(&e.source_ip)?;
+        bind(&e.user_agent)?;
+        bind(&e.outcome.as_str())?;
+        bind(&e.reason)?;
+        bind(&e.request_id)?;
+        bind(&&r.prev_hash[..])?;
+        bind(&&r.hash[..])?;
+    }
+    stmt.raw_execute().map(drop)
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
+/// The same classes as [`crate::map_err`]: a taken sequence number is a
+/// duplicate (the chain moved: chain again), "cannot write now" is
+/// unavailable, anything else is an error.
+fn sqlite_err(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::ConstraintViolation)
+            if e.sqlite_error().is_some_and(|s| {
+                s.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                    || s.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            }) =>
+        {
+            StoreError::Duplicate { what: "record" }
+        }
+        Some(
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::ReadOnly
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::DiskFull
+            | ErrorCode::CannotOpen
+            | ErrorCode::OutOfMemory,
+        ) => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Other(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_statement_per_size_with_19_parameters_a_row() {
+        assert_eq!(INSERTS.len(), AUDIT_STATEMENT_MAX_ROWS);
+        for (i, sql) in INSERTS.iter().enumerate() {
+            assert_eq!(sql.matches('?').count(), 19 * (i + 1));
+        }
+    }
+}
