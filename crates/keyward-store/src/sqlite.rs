@@ -98,7 +98,7 @@ impl SqliteStore {
             .await
             .map_err(map_err)?;
         let audit_conn = AuditConnection::open(path, durability)?;
-        let wal_flusher = (durability == Durability::Buffered).then(|| spawn_wal_flusher(path, write.clone()));
+        let wal_flusher = (durability == Durability::Buffered).then(|| spawn_wal_flusher(path));
         Ok(Self { read, write, audit_tail: std::sync::Mutex::new(None), audit_conn, _wal_flusher: wal_flusher })
     }
 }
@@ -107,12 +107,10 @@ impl SqliteStore {
 pub const BUFFERED_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// `buffered` durability: syncs the WAL file every [`BUFFERED_FLUSH_EVERY`],
-/// so what was committed before a flush is on disk after it, and moves the
-/// WAL into the database (a passive checkpoint, through the pool's writer):
-/// the audit connection, which commits on async workers, leaves that fsync
-/// to this task. The file is opened afresh each time (SQLite may recreate
-/// it). Ends when the store drops the returned sender.
-fn spawn_wal_flusher(db: &Path, write: SqlitePool) -> tokio::sync::oneshot::Sender<()> {
+/// so what was committed before a flush is on disk after it. The file is
+/// opened afresh each time (SQLite may recreate it). Ends when the store
+/// drops the returned sender.
+fn spawn_wal_flusher(db: &Path) -> tokio::sync::oneshot::Sender<()> {
     let wal = std::path::PathBuf::from(format!("{}-wal", db.display()));
     let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -130,9 +128,6 @@ fn spawn_wal_flusher(db: &Path, write: SqlitePool) -> tokio::sync::oneshot::Send
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 tracing::warn!(error = %e, "could not flush the SQLite WAL to disk");
-            }
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&write).await {
-                tracing::warn!(error = %e, "could not checkpoint the SQLite WAL");
             }
             if last {
                 break;

@@ -7,7 +7,8 @@
 //! `buffered` durability (a commit is a write into the OS cache, tens of
 //! microseconds) the INSERT runs on the caller's thread, and only when it
 //! would wait (another writer holds the lock) or fsync (`fsync` durability,
-//! batches over one statement) does it move to a blocking thread.
+//! batches over one statement) does it move to a blocking thread, and so do
+//! the WAL checkpoints that SQLite would otherwise run inside a commit.
 //!
 //! The connection only ever runs single autocommit INSERTs or explicit
 //! `BEGIN IMMEDIATE` transactions, and the pool's transactions begin
@@ -15,6 +16,7 @@
 //! without one invalidating the other's snapshot.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -42,12 +44,20 @@ pub(crate) struct AuditConnection {
     /// Try the INSERT on the caller's thread first (`buffered` only: a
     /// commit that fsyncs must not hold an async worker).
     inline: bool,
+    /// `buffered`: frames in the WAL after this connection's last commit.
+    wal_frames: Arc<AtomicI32>,
+    /// `buffered`: a checkpoint is running on a blocking thread.
+    checkpointing: Arc<AtomicBool>,
 }
+
+/// WAL frames (pages) after which a checkpoint starts: SQLite's default
+/// autocheckpoint threshold, which keeps the WAL at about 4 MB.
+const CHECKPOINT_FRAMES: i32 = 1000;
 
 impl AuditConnection {
     /// Opens the (already created and migrated) database at `path`.
     pub(crate) fn open(path: &Path, durability: Durability) -> StoreResult<Self> {
-        let conn = Connection::open_with_flags(
+        let mut conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
         )
@@ -59,15 +69,27 @@ impl AuditConnection {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite_err)?;
         conn.pragma_update(None, "synchronous", synchronous).map_err(sqlite_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(sqlite_err)?;
+        let wal_frames = Arc::new(AtomicI32::new(0));
         if durability == Durability::Buffered {
-            // A checkpoint fsyncs: the WAL flusher runs it on its own thread
-            // rather than this connection on an async worker.
-            conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(sqlite_err)?;
+            // A checkpoint fsyncs, so it must not run inside a commit on an
+            // async worker (what SQLite's autocheckpoint would do): this hook
+            // replaces it and only counts; `insert` starts the checkpoint.
+            let frames = wal_frames.clone();
+            conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, n: std::ffi::c_int| {
+                frames.store(n, Ordering::Relaxed);
+                Ok(())
+            }))
+            .map_err(sqlite_err)?;
         }
         conn.busy_timeout(BUSY_WAIT).map_err(sqlite_err)?;
         // Every batch size, plus the transaction statements.
         conn.set_prepared_statement_cache_capacity(AUDIT_STATEMENT_MAX_ROWS + 8);
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), inline: durability == Durability::Buffered })
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            inline: durability == Durability::Buffered,
+            wal_frames,
+            checkpointing: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// `PRAGMA synchronous` of this connection (2 = FULL, 1 = NORMAL).
@@ -87,7 +109,11 @@ impl AuditConnection {
             let tried = conn.busy_timeout(Duration::ZERO).and_then(|()| insert_statement(&conn, &records));
             let restored = conn.busy_timeout(BUSY_WAIT);
             match (tried, restored) {
-                (Ok(()), Ok(())) => return (records, Ok(())),
+                (Ok(()), Ok(())) => {
+                    drop(conn);
+                    self.checkpoint_if_due();
+                    return (records, Ok(()));
+                }
                 (Ok(()), Err(e)) => return (records, Err(sqlite_err(e))),
                 (Err(e), _) if !is_busy(&e) => return (records, Err(sqlite_err(e))),
                 // Busy: nothing was written; wait for the lock below.
@@ -102,10 +128,40 @@ impl AuditConnection {
         })
         .await;
         match joined {
-            Ok((records, written)) => (records, written.map_err(sqlite_err)),
+            Ok((records, written)) => {
+                if written.is_ok() && self.inline {
+                    self.checkpoint_if_due();
+                }
+                (records, written.map_err(sqlite_err))
+            }
             // The closure does not panic short of a bug; the records went with it.
             Err(e) => (Vec::new(), Err(StoreError::Unavailable(format!("audit append task failed: {e}")))),
         }
+    }
+}
+
+impl AuditConnection {
+    /// `buffered`: moves the WAL into the database once it holds
+    /// [`CHECKPOINT_FRAMES`], on a blocking thread and on this connection
+    /// (appends wait for it, so it finishes, and the next commit starts the
+    /// WAL over). A checkpoint that fails or cannot finish is tried again
+    /// after the next commit.
+    fn checkpoint_if_due(&self) {
+        if self.wal_frames.load(Ordering::Relaxed) < CHECKPOINT_FRAMES
+            || self.checkpointing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let (conn, frames, running) = (self.conn.clone(), self.wal_frames.clone(), self.checkpointing.clone());
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            match conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE) {
+                Ok((log, done)) if log == done => frames.store(0, Ordering::Relaxed),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not checkpoint the SQLite WAL"),
+            }
+            running.store(false, Ordering::Release);
+        });
     }
 }
 

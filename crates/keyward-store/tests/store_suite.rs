@@ -419,6 +419,25 @@ async fn sqlite_durability_sets_the_commit_sync() {
     assert!("none".parse::<Durability>().unwrap_err().contains("expected `fsync`"));
 }
 
+/// `buffered` appends commit on async workers without SQLite's own
+/// autocheckpoint (its fsyncs would stall them); keyward's checkpoints on a
+/// blocking thread must still keep the WAL from growing without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_buffered_appends_keep_the_wal_bounded() {
+    use keyward_store::{Durability, SqliteStore};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let store = SqliteStore::open_with(&path, Durability::Buffered).await.unwrap();
+    // Each small commit adds at least two pages (table and index) to the
+    // WAL: 6000 of them would be over 48 MB without checkpoints.
+    for i in 0..6000 {
+        store.append_audit(vec![draft(&format!("e{i}"))]).await.unwrap();
+    }
+    let wal = std::fs::metadata(dir.path().join("t.db-wal")).unwrap().len();
+    assert!(wal < 16 << 20, "the WAL grew to {wal} bytes");
+    assert_eq!(verified_events(&store).await, 6000);
+}
+
 #[tokio::test]
 async fn postgres_durability_sets_synchronous_commit() {
     use keyward_store::{Durability, PgStore};
