@@ -107,17 +107,20 @@ impl AuditConnection {
         {
             // Never wait on this thread: a busy database goes to a blocking thread.
             let tried = conn.busy_timeout(Duration::ZERO).and_then(|()| insert_statement(&conn, &records));
-            let restored = conn.busy_timeout(BUSY_WAIT);
-            match (tried, restored) {
-                (Ok(()), Ok(())) => {
+            if let Err(e) = conn.busy_timeout(BUSY_WAIT) {
+                // Only API misuse fails here. The records' fate is `tried`'s;
+                // later appends that meet a busy database then fail (closed).
+                tracing::warn!(error = %e, "could not restore the audit connection's busy timeout");
+            }
+            match tried {
+                Ok(()) => {
                     drop(conn);
                     self.checkpoint_if_due();
                     return (records, Ok(()));
                 }
-                (Ok(()), Err(e)) => return (records, Err(sqlite_err(e))),
-                (Err(e), _) if !is_busy(&e) => return (records, Err(sqlite_err(e))),
+                Err(e) if !is_busy(&e) => return (records, Err(sqlite_err(e))),
                 // Busy: nothing was written; wait for the lock below.
-                (Err(_), _) => {}
+                Err(_) => {}
             }
         }
         let conn = self.conn.clone();
