@@ -383,11 +383,15 @@ async fn appenders_take_turns(a: Arc<dyn Store>, b: Arc<dyn Store>) {
 
 #[tokio::test]
 async fn sqlite_appenders_with_stale_tails_keep_one_chain() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    let a = keyward_store::open(&url).await.unwrap();
-    let b = keyward_store::open(&url).await.unwrap();
-    appenders_take_turns(a, b).await;
+    // `buffered` meets the stale tail on the caller's thread, `fsync` on a
+    // blocking one: both must see the taken sequence number as a retry.
+    for durability in [keyward_store::Durability::Fsync, keyward_store::Durability::Buffered] {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let a = keyward_store::open_with(&url, durability).await.unwrap();
+        let b = keyward_store::open_with(&url, durability).await.unwrap();
+        appenders_take_turns(a, b).await;
+    }
 }
 
 #[tokio::test]
