@@ -6,7 +6,8 @@
 //! a caller whose event did not commit gets an error, never a silent success.
 //!
 //! Events that record what already happened (a proxied call's outcome) are
-//! [`AuditWriter::append_soon`]: nobody is held up by their commit, so they
+//! [`AuditWriter::append_detached`] (or [`AuditWriter::append_soon`] for a
+//! caller that wants the result): nobody is held up by their commit, so they
 //! ride along with the next access's commit, or commit alone after
 //! [`LINGER`]. At moderate load that halves the commits, and an access's
 //! record no longer queues behind an outcome's fsync.
@@ -33,7 +34,8 @@ type Reply = oneshot::Sender<Result<i64, String>>;
 enum Queued {
     Event {
         draft: AuditDraft,
-        reply: Reply,
+        /// `None`: nobody asks how it went (the writer logs a failure).
+        reply: Option<Reply>,
         /// Someone is waiting for this commit to go on (an access).
         urgent: bool,
     },
@@ -68,6 +70,30 @@ impl AuditWriter {
         self.queue(draft, false).await
     }
 
+    /// Queues an event that nothing waits on and whose failure can only be
+    /// logged (the writer logs it): a proxied call's outcome, recorded as
+    /// its answer goes out. It lingers like [`append_soon`](Self::append_soon)
+    /// but costs no task, timer or reply channel, and it is queued before
+    /// this returns, so a reader that flushes afterwards sees it. Never
+    /// dropped while the writer runs: with the queue full, a task waits for
+    /// room.
+    pub fn append_detached(&self, draft: AuditDraft) {
+        match self.tx.try_send(Queued::Event { draft, reply: None, urgent: false }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(queued)) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    if tx.send(queued).await.is_err() {
+                        tracing::error!("audit writer stopped: an outcome event was not recorded");
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("audit writer stopped: an outcome event was not recorded");
+            }
+        }
+    }
+
     /// Returns once every event queued before the call is committed (or
     /// failed): a reader of the trail then sees all of them.
     pub async fn flush(&self) {
@@ -80,7 +106,7 @@ impl AuditWriter {
     async fn queue(&self, draft: AuditDraft, urgent: bool) -> Result<i64, StoreError> {
         let (reply, wait) = oneshot::channel();
         self.tx
-            .send(Queued::Event { draft, reply, urgent })
+            .send(Queued::Event { draft, reply: Some(reply), urgent })
             .await
             .map_err(|_| StoreError::Unavailable("audit writer stopped".into()))?;
         match tokio::time::timeout(COMMIT_TIMEOUT, wait).await {
@@ -123,7 +149,7 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Queued>, linger: Dura
 #[derive(Default)]
 struct Batch {
     drafts: Vec<AuditDraft>,
-    replies: Vec<Reply>,
+    replies: Vec<Option<Reply>>,
     flushes: Vec<oneshot::Sender<()>>,
 }
 
@@ -149,13 +175,15 @@ impl Batch {
             match store.append_audit(std::mem::take(&mut self.drafts)).await {
                 Ok(records) => {
                     for (r, rec) in self.replies.drain(..).zip(records.iter().map(|r: &AuditRecord| r.seq)) {
-                        let _ = r.send(Ok(rec));
+                        if let Some(r) = r {
+                            let _ = r.send(Ok(rec));
+                        }
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, events, "audit append failed; refusing the accesses");
                     let msg = e.to_string();
-                    for r in self.replies.drain(..) {
+                    for r in self.replies.drain(..).flatten() {
                         let _ = r.send(Err(msg.clone()));
                     }
                 }

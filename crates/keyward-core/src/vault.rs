@@ -869,15 +869,10 @@ impl Vault {
 
     /// Completes the trail of a proxied use once its answer is over: status,
     /// bytes, latency (`detail`). The use itself was audited before the key
-    /// left; this event cannot be fail-closed any more, so errors are
-    /// returned for logging only.
-    pub async fn record_proxy_outcome(
-        &self,
-        record: &UseRecord,
-        meta: &RequestMeta,
-        ok: bool,
-        detail: String,
-    ) -> Result<(), CoreError> {
+    /// left; this event cannot be fail-closed any more, so it is queued for
+    /// the next commit and nothing waits on it (the audit writer logs a
+    /// failure).
+    pub fn record_proxy_outcome(&self, record: &UseRecord, meta: &RequestMeta, ok: bool, detail: String) {
         let draft = AuditDraft {
             org_id: Some(record.org_id.clone()),
             actor: record.actor.clone(),
@@ -888,8 +883,7 @@ impl Vault {
             reason: Some(clean_free_text(&detail)),
             ..draft_base(self.now(), if ok { Outcome::Allowed } else { Outcome::Error }, meta)
         };
-        // Nothing waits on this one: it shares the next access's commit.
-        self.audit.append_soon(draft).await.map(|_| ()).map_err(CoreError::AuditUnavailable)
+        self.audit.append_detached(draft);
     }
 
     /// Policy for one use: `Ok` with what to release, or the audit reason and

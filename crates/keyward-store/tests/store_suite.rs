@@ -480,6 +480,19 @@ async fn lingering_events_share_the_next_commit() {
     assert_eq!(soon.await.unwrap().unwrap(), 3);
     // With nothing queued, a flush returns at once.
     tokio::time::timeout(Duration::from_secs(5), writer.flush()).await.expect("idle flush answers");
+
+    // A detached event (a proxied call's outcome) is queued before the call
+    // returns and lingers the same way: the next access's commit takes it,
+    // in queue order, and so does a flush.
+    writer.append_detached(draft("outcome 3"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(store.audit_page(0, 10).await.unwrap().len(), 3, "detached event lingers");
+    assert_eq!(writer.append(draft("use 2")).await.unwrap(), 5, "rode along, queued first");
+    let page = store.audit_page(0, 10).await.unwrap();
+    assert_eq!(page.iter().map(|r| r.event.action.as_str()).collect::<Vec<_>>()[3..], ["outcome 3", "use 2"]);
+    writer.append_detached(draft("outcome 4"));
+    tokio::time::timeout(Duration::from_secs(5), writer.flush()).await.expect("flush answers");
+    assert_eq!(store.audit_page(0, 10).await.unwrap().len(), 6, "a flush commits a detached event");
 }
 
 #[tokio::test]

@@ -319,7 +319,7 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     let (url, headers, redactor) = match prepared {
         Ok(p) => p,
         Err(err) => {
-            outcome.record(err.status.as_u16(), 0, Some(err.code)).await;
+            outcome.record(err.status.as_u16(), 0, Some(err.code));
             return Err(err);
         }
     };
@@ -341,7 +341,7 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
             let e = e.without_url();
             let err = upstream_error(&e);
             tracing::warn!(request_id = ?meta.request_id, code = err.code, error = ?e, "proxy upstream failed");
-            outcome.record(err.status.as_u16(), 0, Some(err.code)).await;
+            outcome.record(err.status.as_u16(), 0, Some(err.code));
             return Err(err);
         }
     };
@@ -355,7 +355,7 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
             "upstream_compressed",
             "the upstream sent a compressed answer, which keyward cannot check for echoes of the key",
         );
-        outcome.record(err.status.as_u16(), 0, Some(err.code)).await;
+        outcome.record(err.status.as_u16(), 0, Some(err.code));
         return Err(err);
     }
     if let (Some(agent_side), StatusCode::SWITCHING_PROTOCOLS) = (websocket, status) {
@@ -382,13 +382,13 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
             Ok(b) => (status.as_u16(), b),
             Err(e) => {
                 let err = upstream_error(&e.without_url());
-                outcome.record(err.status.as_u16(), 0, Some(err.code)).await;
+                outcome.record(err.status.as_u16(), 0, Some(err.code));
                 return Err(err);
             }
         };
         let clean = redactor.redact_all(&bytes).map_or(bytes, bytes::Bytes::from);
         let sent = clean.len() as u64;
-        tokio::spawn(outcome.record(status_code, sent, None));
+        outcome.record(status_code, sent, None);
         let mut response = Response::new(Body::from(clean));
         *response.status_mut() = status;
         *response.headers_mut() = out_headers;
@@ -441,7 +441,7 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
             }
         }
         drop(tx);
-        outcome.record(status.as_u16(), sent, failure).await;
+        outcome.record(status.as_u16(), sent, failure);
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     let mut response = Response::new(Body::from_stream(stream));
@@ -544,7 +544,7 @@ async fn websocket_tunnel(
     tokio::spawn(async move {
         let agent = match agent_side.await {
             Ok(a) => hyper_util::rt::TokioIo::new(a),
-            Err(_) => return outcome.record(101, 0, Some("agent_upgrade_failed")).await,
+            Err(_) => return outcome.record(101, 0, Some("agent_upgrade_failed")),
         };
         let (agent_read, mut agent_write) = tokio::io::split(agent);
         let (mut upstream_read, upstream_write) = tokio::io::split(upstream);
@@ -571,7 +571,7 @@ async fn websocket_tunnel(
             _ = up => (0, None),
             _ = killed => (0, Some("killed_by_policy_change")),
         };
-        outcome.record(101, sent, failure).await;
+        outcome.record(101, sent, failure);
     });
     Ok(out)
 }
@@ -586,16 +586,15 @@ struct Outcome {
 }
 
 impl Outcome {
-    async fn record(self, status: u16, bytes: u64, failure: Option<&'static str>) {
+    /// Queues the outcome event; it commits with the next access's record.
+    fn record(self, status: u16, bytes: u64, failure: Option<&'static str>) {
         let detail = format!(
             "for seq {}: status {status}, {bytes} bytes, {} ms{}",
             self.released_seq,
             self.started.elapsed().as_millis(),
             failure.map(|f| format!(", {f}")).unwrap_or_default()
         );
-        if let Err(e) = self.vault.record_proxy_outcome(&self.record, &self.meta, failure.is_none(), detail).await {
-            tracing::error!(error = %e, "could not audit a proxied request's outcome");
-        }
+        self.vault.record_proxy_outcome(&self.record, &self.meta, failure.is_none(), detail);
     }
 }
 
