@@ -393,9 +393,25 @@ kw_events() { # kw_events NAME: events in its audit chain; fails when verify fai
 
 # run_load TARGET POINT ROUND URL CONNS DURATION DELAY_MS PROXY_PID HEADER...
 # (PROXY_PID empty for the mock alone); appends a row to $OUT/results.tsv
+# LiteLLM's workers burn CPU while idle (0.2 cores seen here), which would
+# load the machine under every other target's measurement: they are
+# stopped (SIGSTOP, the whole process tree) except while LiteLLM itself is
+# measured.
+litellm_signal() { # litellm_signal STOP|CONT
+  [[ -n $LL_PID ]] || return 0
+  local p
+  for p in "$LL_PID" $(descendants "$LL_PID"); do kill -"$1" "$p" 2>/dev/null || true; done
+}
+
 run_load() {
   local target=$1 point=$2 round=$3 url=$4 conns=$5 dur=$6 delay_ms=$7 pid=$8
   shift 8
+  if [[ $target == litellm ]]; then
+    litellm_signal CONT
+    wait_for 30 curl -sf "http://127.0.0.1:$LL_PORT/health/liveliness" || die "LiteLLM did not answer after SIGCONT"
+  else
+    litellm_signal STOP
+  fi
   local args=() h
   for h in "$@"; do args+=(-H "$h"); done
   local tag=$target.$point.r$round
@@ -497,6 +513,8 @@ for round in $(seq "$ROUNDS"); do
 done
 
 # ---- correctness after load ----------------------------------------------------
+
+litellm_signal CONT # so that it can be checked and stopped normally
 
 kill -0 "$NGX_PID" 2>/dev/null || fail "nginx exited during the run"
 kill -0 "$MOCK_PID" 2>/dev/null || fail "the mock exited during the run"
