@@ -51,21 +51,11 @@ if [[ ${SKIP_BUILD:-0} != 1 && -z ${KEYWARD_BIN:-} ]]; then
 fi
 [[ -x $KW ]] || die "keyward binary not found at $KW"
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
 # The mock upstream: nginx answering from its config, as in run.sh.
 MOCK_PORT=$(free_port)
 mkdir -p "$WORK/mock/logs" "$WORK/mock/tmp"
-python3 - "$HERE/nginx-mock.conf.in" "$WORK/mock/nginx.conf" "$MOCK_PORT" "$REAL_KEY" "$(tr -d '\n' <"$HERE/mock.json")" <<'EOF'
-import sys
-src, dst, port, key, body = sys.argv[1:]
-text = open(src).read()
-for name, value in (("WORKERS", "1"), ("PORT", port), ("KEY", key), ("BODY", body)):
-    text = text.replace("@" + name + "@", value)
-open(dst, "w").write(text)
-EOF
+render "$HERE/nginx-mock.conf.in" "$WORK/mock/nginx.conf" \
+  WORKERS=1 PORT="$MOCK_PORT" KEY="$REAL_KEY" BODY="$(tr -d '\n' <"$HERE/mock.json")"
 "$NGINX" -p "$WORK/mock/" -e logs/error.log -c nginx.conf >>"$LOG" 2>&1 &
 PIDS+=($!)
 

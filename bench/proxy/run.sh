@@ -118,38 +118,6 @@ fi
 
 # ---- helpers ---------------------------------------------------------------
 
-free_port() {
-  python3 - <<'EOF'
-import random, socket
-for _ in range(500):
-    p = random.randint(20000, 60000)
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", p))
-    except OSError:
-        continue
-    finally:
-        s.close()
-    print(p)
-    break
-EOF
-}
-
-render() { # render TEMPLATE OUTPUT NAME=VALUE... : replace every @NAME@
-  python3 - "$@" <<'EOF'
-import re, sys
-src, dst, *pairs = sys.argv[1:]
-text = open(src).read()
-for pair in pairs:
-    name, value = pair.split("=", 1)
-    text = text.replace("@" + name + "@", value)
-left = re.findall(r"@[A-Z_]+@", text)
-if left:
-    sys.exit(f"{src}: unrendered placeholders {sorted(set(left))}")
-open(dst, "w").write(text)
-EOF
-}
-
 json_get() { # json_get EXPR  (reads JSON on stdin; EXPR indexes `d`)
   python3 -c 'import json, sys; d = json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"
 }

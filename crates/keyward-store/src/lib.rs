@@ -109,11 +109,17 @@ pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
                 if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") {
                     return true;
                 }
-                matches!(c, "5" | "6" | "8" | "10" | "13" | "14" | "261" | "517" | "1032")
-                    || c.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 8 | 10 | 13 | 14))
+                c.parse::<i32>().is_ok_and(sqlite_cannot_write_now)
             });
             if unavailable { StoreError::Unavailable(e.to_string()) } else { StoreError::Other(e.to_string()) }
         }
         _ => StoreError::Other(e.to_string()),
     }
+}
+
+/// SQLite result codes, primary or extended (the low byte is the primary),
+/// that mean "cannot write now": busy, locked, read-only, I/O error, full,
+/// cannot open. Shared by sqlx's errors and the audit connection's.
+pub(crate) fn sqlite_cannot_write_now(code: i32) -> bool {
+    matches!(code & 0xff, 5 | 6 | 8 | 10 | 13 | 14)
 }

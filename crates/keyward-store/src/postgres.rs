@@ -151,16 +151,11 @@ impl PgStore {
         self.pool.begin().await
     }
 
-    /// Inserts records already chained, atomically; hands them back. (Only
-    /// a store with a tail cache appends this way; replicas read the tail
-    /// under their lock instead.) A batch of one statement needs no
-    /// transaction around it.
+    /// Inserts records already chained, atomically; hands them back. Not
+    /// on PostgreSQL's path (it has no tail cache: replicas read the tail
+    /// under their lock), so it is kept to the plainest correct form.
     async fn insert_audit_chained(&self, records: Vec<AuditRecord>) -> (Vec<AuditRecord>, StoreResult<()>) {
         let written = async {
-            if records.len() <= AUDIT_STATEMENT_MAX_ROWS {
-                let mut conn = self.pool.acquire().await.map_err(map_err)?;
-                return insert_audit(&mut conn, &records).await;
-            }
             let mut tx = self.begin_write().await.map_err(map_err)?;
             insert_audit(&mut tx, &records).await?; // dropping `tx` rolls back
             tx.commit().await.map_err(map_err)

@@ -24,8 +24,8 @@ use keyward_core::audit::AuditRecord;
 use keyward_core::store::{StoreError, StoreResult};
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 
-use crate::Durability;
 use crate::rows::{AUDIT_COLUMNS, AUDIT_STATEMENT_MAX_ROWS, micros};
+use crate::{Durability, sqlite_cannot_write_now};
 
 /// How long an append waits for the write lock on a blocking thread, the
 /// same as the pool's connections.
@@ -141,9 +141,7 @@ impl AuditConnection {
             Err(e) => (Vec::new(), Err(StoreError::Unavailable(format!("audit append task failed: {e}")))),
         }
     }
-}
 
-impl AuditConnection {
     /// `buffered`: moves the WAL into the database once it holds
     /// [`CHECKPOINT_FRAMES`], on a blocking thread and on this connection
     /// (appends wait for it, so it finishes, and the next commit starts the
@@ -229,24 +227,12 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 /// duplicate (the chain moved: chain again), "cannot write now" is
 /// unavailable, anything else is an error.
 fn sqlite_err(e: rusqlite::Error) -> StoreError {
-    match e.sqlite_error_code() {
-        Some(ErrorCode::ConstraintViolation)
-            if e.sqlite_error().is_some_and(|s| {
-                s.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
-                    || s.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
-            }) =>
-        {
+    let code = e.sqlite_error().map(|s| s.extended_code);
+    match code {
+        Some(rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY | rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE) => {
             StoreError::Duplicate { what: "record" }
         }
-        Some(
-            ErrorCode::DatabaseBusy
-            | ErrorCode::DatabaseLocked
-            | ErrorCode::ReadOnly
-            | ErrorCode::SystemIoFailure
-            | ErrorCode::DiskFull
-            | ErrorCode::CannotOpen
-            | ErrorCode::OutOfMemory,
-        ) => StoreError::Unavailable(e.to_string()),
+        Some(c) if sqlite_cannot_write_now(c) => StoreError::Unavailable(e.to_string()),
         _ => StoreError::Other(e.to_string()),
     }
 }
