@@ -53,7 +53,7 @@ pub struct SqliteStore {
     audit_tail: TailCache,
     /// The audit writer's own connection, outside the pool and outside
     /// sqlx (see `sqlite_audit`): the one write on every access's path.
-    audit_conn: AuditConnection,
+    pub(crate) audit_conn: AuditConnection,
     /// `buffered` durability only: dropping it stops the WAL flusher.
     _wal_flusher: Option<tokio::sync::oneshot::Sender<()>>,
 }

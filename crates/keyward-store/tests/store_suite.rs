@@ -423,23 +423,26 @@ async fn sqlite_durability_sets_the_commit_sync() {
     assert!("none".parse::<Durability>().unwrap_err().contains("expected `fsync`"));
 }
 
-/// `buffered` appends commit on async workers without SQLite's own
-/// autocheckpoint (its fsyncs would stall them); keyward's checkpoints on a
+/// Audit appends run without SQLite's own autocheckpoint (its copy and
+/// fsyncs would stall them: on async workers with `buffered` durability,
+/// behind every queued append with `fsync`); keyward's checkpoints on a
 /// blocking thread must still keep the WAL from growing without bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_buffered_appends_keep_the_wal_bounded() {
+async fn sqlite_audit_appends_keep_the_wal_bounded() {
     use keyward_store::{Durability, SqliteStore};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.db");
-    let store = SqliteStore::open_with(&path, Durability::Buffered).await.unwrap();
     // Each small commit adds at least two pages (table and index) to the
-    // WAL: 6000 of them would be over 48 MB without checkpoints.
-    for i in 0..6000 {
-        store.append_audit(vec![draft(&format!("e{i}"))]).await.unwrap();
+    // WAL: 6000 of them would be over 48 MB without checkpoints, 3000 over 24.
+    for (durability, commits) in [(Durability::Buffered, 6000), (Durability::Fsync, 3000)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open_with(&path, durability).await.unwrap();
+        for i in 0..commits {
+            store.append_audit(vec![draft(&format!("e{i}"))]).await.unwrap();
+        }
+        let wal = std::fs::metadata(dir.path().join("t.db-wal")).unwrap().len();
+        assert!(wal < 16 << 20, "{durability:?}: the WAL grew to {wal} bytes");
+        assert_eq!(verified_events(&store).await, commits);
     }
-    let wal = std::fs::metadata(dir.path().join("t.db-wal")).unwrap().len();
-    assert!(wal < 16 << 20, "the WAL grew to {wal} bytes");
-    assert_eq!(verified_events(&store).await, 6000);
 }
 
 #[tokio::test]
@@ -493,6 +496,46 @@ async fn lingering_events_share_the_next_commit() {
     writer.append_detached(draft("outcome 4"));
     tokio::time::timeout(Duration::from_secs(5), writer.flush()).await.expect("flush answers");
     assert_eq!(store.audit_page(0, 10).await.unwrap().len(), 6, "a flush commits a detached event");
+}
+
+/// An access whose request goes away while it commits (the client hung up)
+/// takes nobody's answer with it: a commit once begun finishes, so every
+/// other event in its batch still gets its sequence number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_that_goes_away_mid_commit_costs_nobody_their_answer() {
+    use keyward_core::audit_writer::AuditWriter;
+    use sqlx::Connection;
+    use std::time::Duration;
+    let (dir, store) = sqlite().await;
+    // A linger far longer than the test: only the access's commit takes them.
+    let writer = Arc::new(AuditWriter::spawn_with_linger(store.clone(), Duration::from_secs(60)));
+    // Another connection holds the write lock: the commit will wait for it.
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let mut blocker = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut blocker).await.unwrap();
+    let waiting: Vec<_> = (0..8)
+        .map(|i| {
+            let w = writer.clone();
+            tokio::spawn(async move { w.append_soon(draft(&format!("outcome {i}"))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let w = writer.clone();
+    let access = tokio::spawn(async move { w.append(draft("use")).await });
+    // It has taken the eight with its own and waits for the lock; it goes away.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    access.abort();
+    assert!(access.await.unwrap_err().is_cancelled());
+    sqlx::raw_sql("ROLLBACK").execute(&mut blocker).await.unwrap();
+    let mut seqs = Vec::new();
+    for t in waiting {
+        let appended = tokio::time::timeout(Duration::from_secs(10), t).await.expect("answered").unwrap();
+        seqs.push(appended.expect("an event lost its answer"));
+    }
+    seqs.sort();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>(), "queued first, committed first");
+    writer.flush().await;
+    assert_eq!(verified_events(store.as_ref()).await, 9);
 }
 
 #[tokio::test]
