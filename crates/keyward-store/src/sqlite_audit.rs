@@ -199,6 +199,10 @@ impl AuditConnection {
             match caught_up {
                 Ok((log, done)) if log == done => frames.store(0, Ordering::Relaxed),
                 Ok(_) => {}
+                // Another connection's checkpoint (the pool's writer runs
+                // SQLite's own after its rare commits): try again after the
+                // next commit.
+                Err(e) if is_busy(&e) => tracing::debug!(error = %e, "WAL checkpoint deferred: another one runs"),
                 Err(e) => tracing::warn!(error = %e, "could not checkpoint the SQLite WAL"),
             }
             running.store(false, Ordering::Release);
