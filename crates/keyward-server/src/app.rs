@@ -103,10 +103,7 @@ async fn request_id_and_log(mut req: Request, next: Next) -> Response {
     }
     let status = resp.status().as_u16();
     let micros = started.elapsed().as_micros() as u64;
-    // A successful credential use is in the audit trail already (with this
-    // request id): its access line is debug-level, the hot path's biggest
-    // logging cost. Failures stay visible at info.
-    if status < 400 && (path.starts_with("/proxy/") || path.starts_with("/v1/resolve/")) {
+    if status < 400 && quiet_when_ok(&path) {
         tracing::debug!(target: "keyward::access", request_id = %id, method = %method, path = %path, status, micros);
     } else {
         tracing::info!(target: "keyward::access", request_id = %id, method = %method, path = %path, status, micros);
@@ -114,9 +111,28 @@ async fn request_id_and_log(mut req: Request, next: Next) -> Response {
     resp
 }
 
+/// Paths whose successful requests log their access line at debug level,
+/// not info: a credential use is in the audit trail already (with its
+/// request id), and its line was the hot path's biggest logging cost; a
+/// liveness probe every few seconds would bury everything else. Failures
+/// stay visible at info.
+fn quiet_when_ok(path: &str) -> bool {
+    path.starts_with("/proxy/") || path.starts_with("/v1/resolve/") || path == "/healthz"
+}
+
 #[cfg(test)]
 mod tests {
     use crate::openapi::ROUTES;
+
+    #[test]
+    fn routine_successes_log_at_debug_and_the_rest_at_info() {
+        for quiet in ["/proxy/openai/v1/chat/completions", "/v1/resolve/openai", "/healthz"] {
+            assert!(super::quiet_when_ok(quiet), "{quiet}");
+        }
+        for loud in ["/v1/secrets", "/v1/agents", "/ui/", "/v1/sys/unseal", "/healthz/x", "/v1/audit"] {
+            assert!(!super::quiet_when_ok(loud), "{loud}");
+        }
+    }
 
     /// Every documented route exists in the router and vice versa.
     #[test]
