@@ -284,25 +284,11 @@ fn sqlite_err(e: rusqlite::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keyward_core::audit::{Actor, AuditDraft, Outcome};
+    use keyward_core::audit::AuditDraft;
     use keyward_core::store::Store;
 
     fn draft(n: usize) -> AuditDraft {
-        AuditDraft {
-            time: keyward_core::audit::normalise_time(time::OffsetDateTime::now_utc()),
-            org_id: Some("org".into()),
-            actor: Actor::anonymous(),
-            action: format!("e{n}"),
-            secret_id: None,
-            secret_name: None,
-            secret_version: None,
-            purpose: None,
-            source_ip: None,
-            user_agent: None,
-            outcome: Outcome::Allowed,
-            reason: None,
-            request_id: None,
-        }
+        crate::testing::audit_draft(&format!("e{n}"))
     }
 
     /// A checkpoint copies the WAL beside the appends, not in their way: with

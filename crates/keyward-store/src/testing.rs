@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use keyward_core::audit::{Actor, AuditDraft, Outcome};
+
 use sqlx::postgres::PgPoolOptions;
 
 pub const DEFAULT_TEST_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -76,5 +78,24 @@ impl Drop for TestSchema {
             });
         })
         .join();
+    }
+}
+
+/// A minimal audit event: `action`, allowed, by the system, now.
+pub fn audit_draft(action: &str) -> AuditDraft {
+    AuditDraft {
+        time: keyward_core::audit::normalise_time(time::OffsetDateTime::now_utc()),
+        org_id: None,
+        actor: Actor::system(),
+        action: action.into(),
+        secret_id: None,
+        secret_name: None,
+        secret_version: None,
+        purpose: None,
+        source_ip: None,
+        user_agent: None,
+        outcome: Outcome::Allowed,
+        reason: None,
+        request_id: None,
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use keyward_core::audit::{Actor, AuditDraft, ChainVerifier, Outcome};
+use keyward_core::audit::{AuditDraft, ChainVerifier};
 use keyward_core::clock::SystemClock;
 use keyward_core::crypto::KeyMaterial;
 use keyward_core::model::*;
@@ -22,21 +22,7 @@ fn now() -> OffsetDateTime {
 }
 
 fn draft(action: &str) -> AuditDraft {
-    AuditDraft {
-        time: now(),
-        org_id: None,
-        actor: Actor::system(),
-        action: action.into(),
-        secret_id: None,
-        secret_name: None,
-        secret_version: None,
-        purpose: None,
-        source_ip: None,
-        user_agent: None,
-        outcome: Outcome::Allowed,
-        reason: None,
-        request_id: None,
-    }
+    keyward_store::testing::audit_draft(action)
 }
 
 fn version(secret_id: &str, n: i64) -> SecretVersion {
