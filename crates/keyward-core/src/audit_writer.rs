@@ -150,11 +150,12 @@ impl AuditWriter {
     }
 
     /// Returns once every event queued before the call is committed (or
-    /// failed): a reader of the trail then sees all of them.
+    /// failed): a reader of the trail then sees all of them. Only those:
+    /// under a steady stream of accesses the queue is never empty.
     pub async fn flush(&self) {
         let flushed = async {
             let seat = self.seat.clone().lock_owned().await;
-            CommitToEnd::until_empty(self.store.clone(), seat).await;
+            CommitToEnd::queued_now(self.store.clone(), seat).await;
         };
         let _ = tokio::time::timeout(COMMIT_TIMEOUT, flushed).await;
     }
@@ -206,14 +207,17 @@ async fn background(
             tokio::time::sleep(linger).await;
         }
         let taken = seat.clone().lock_owned().await;
-        CommitToEnd::until_empty(store.clone(), taken).await;
         if closing {
+            CommitToEnd::until_empty(store, taken).await;
             return;
         }
+        // What came later notified again: it gets its own linger.
+        CommitToEnd::queued_now(store.clone(), taken).await;
     }
 }
 
-/// Commits from the seat: one batch, or batches until the queue is empty. Boxed so that, if whoever awaits it goes away
+/// Commits from the seat: one batch, what is queued now, or everything
+/// until the queue is empty. Boxed so that, if whoever awaits it goes away
 /// mid-commit, the rest runs on a task of its own: the commit still
 /// finishes and every event in it gets its answer.
 struct CommitToEnd(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
@@ -221,20 +225,29 @@ struct CommitToEnd(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
 impl CommitToEnd {
     /// One batch: what is queued now, up to [`MAX_BATCH`].
     fn one_batch(store: Arc<dyn Store>, seat: Seat) -> Self {
-        Self(Some(Box::pin(commit_from(store, seat, false))))
+        Self(Some(Box::pin(commit_from(store, seat, MAX_BATCH))))
     }
 
-    /// Batch after batch until the queue is empty.
+    /// Everything queued now, in batches; nothing queued after.
+    fn queued_now(store: Arc<dyn Store>, seat: Seat) -> Self {
+        let queued = seat.len();
+        Self(Some(Box::pin(commit_from(store, seat, queued))))
+    }
+
+    /// Batch after batch until the queue is empty (the writer is closing:
+    /// nothing new comes).
     fn until_empty(store: Arc<dyn Store>, seat: Seat) -> Self {
-        Self(Some(Box::pin(commit_from(store, seat, true))))
+        Self(Some(Box::pin(commit_from(store, seat, usize::MAX))))
     }
 }
 
-async fn commit_from(store: Arc<dyn Store>, mut seat: Seat, drain: bool) {
-    loop {
+/// Takes up to `limit` events off the queue (fewer if it runs dry), in
+/// batches of at most [`MAX_BATCH`], and commits each batch.
+async fn commit_from(store: Arc<dyn Store>, mut seat: Seat, mut limit: usize) {
+    while limit > 0 {
         let mut batch = Vec::new();
         let mut replies = Vec::new();
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH.min(limit) {
             match seat.try_recv() {
                 Ok(q) => {
                     batch.push(q.draft);
@@ -246,10 +259,8 @@ async fn commit_from(store: Arc<dyn Store>, mut seat: Seat, drain: bool) {
         if batch.is_empty() {
             return;
         }
+        limit -= batch.len();
         commit(store.as_ref(), batch, replies).await;
-        if !drain {
-            return;
-        }
     }
 }
 

@@ -484,6 +484,47 @@ async fn lingering_events_share_the_next_commit() {
     assert_eq!(store.audit_page(0, 10).await.unwrap().len(), 6, "a flush commits a detached event");
 }
 
+/// A flush commits what was queued before it and returns, even while
+/// events keep arriving faster than the queue ever runs dry (a busy proxy:
+/// outcome events never stop); a reader of the trail is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_returns_while_events_keep_coming() {
+    use keyward_core::audit_writer::AuditWriter;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let (_dir, store) = sqlite().await;
+    let writer = Arc::new(AuditWriter::spawn(store.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    // A steady stream from a thread of its own, faster than commits drain
+    // it one by one: every commit finds new events queued behind it.
+    let (w, halt, rt) = (writer.clone(), stop.clone(), tokio::runtime::Handle::current());
+    let stream = std::thread::spawn(move || {
+        let _in_runtime = rt.enter(); // a full queue hands the event to a task
+        let mut n = 0u64;
+        while !halt.load(Ordering::Relaxed) {
+            w.append_detached(draft(&format!("outcome {n}")));
+            n += 1;
+            // Spin: a sleep this short would round up to a much longer one.
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(5) {
+                std::hint::spin_loop();
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..5 {
+        // (That a flush takes what was queued before it is
+        // `lingering_events_share_the_next_commit`'s; here the queue may be
+        // full, and an event then waits for room instead.)
+        tokio::time::timeout(Duration::from_secs(2), writer.flush()).await.expect("the flush returned");
+    }
+    stop.store(true, Ordering::Relaxed);
+    stream.join().unwrap();
+    writer.flush().await;
+    let events = verified_events(store.as_ref()).await;
+    assert!(events > 1000, "{events} events: the stream did not run");
+}
+
 /// An access whose request goes away while it commits (the client hung up)
 /// takes nobody's answer with it: a commit once begun finishes, so every
 /// other event in its batch still gets its sequence number.
