@@ -179,7 +179,12 @@ impl Detector {
             return Vec::new();
         }
         let p = policy.effective();
-        let st = self.agents.entry(agent_id.to_owned()).or_default();
+        // Known agents, addresses and secrets cost no allocation: this runs
+        // for every use.
+        if !self.agents.contains_key(agent_id) {
+            self.agents.insert(agent_id.to_owned(), AgentState::default());
+        }
+        let Some(st) = self.agents.get_mut(agent_id) else { return Vec::new() };
         let now = e.time;
         let mut found: Vec<Finding> = Vec::new();
         let reason = e.reason.as_deref().unwrap_or("");
@@ -204,13 +209,16 @@ impl Detector {
                 }
             }
         } else if e.outcome == Outcome::Allowed {
-            if let Some(ip) = e.source_ip.as_deref() {
-                if !st.ips.contains(ip) && !st.ips.is_empty() && p.new_source_ip == Some(true) {
+            if let Some(ip) = e.source_ip.as_deref()
+                && !st.ips.contains(ip)
+            {
+                if !st.ips.is_empty() && p.new_source_ip == Some(true) {
                     found.push(("new_source_ip", format!("first use from {ip}")));
                 }
                 st.ips.insert(ip.to_owned());
             }
             if let Some(secret) = e.secret_id.as_deref()
+                && !st.secrets.contains(secret)
                 && st.secrets.insert(secret.to_owned())
                 && p.first_use == Some(true)
             {

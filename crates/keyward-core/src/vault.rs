@@ -636,7 +636,7 @@ impl Vault {
         }
         let copy = draft.clone();
         let seq = self.audit.append(draft).await.map_err(CoreError::AuditUnavailable)?;
-        self.feed_detector(&copy, seq);
+        self.feed_detector(copy, seq);
         Ok(seq)
     }
 

@@ -14,6 +14,12 @@ const QUEUE: usize = 16_384;
 /// How long a policy read from the store is reused.
 const POLICY_TTL: time::Duration = time::Duration::seconds(10);
 
+/// Each agent's effective policy (its own over its org's over the
+/// defaults) as read at a time: (org id, read at, policy) by agent id. One
+/// lookup per event; the two stored policies are read again after
+/// [`POLICY_TTL`].
+type PolicyCache = HashMap<String, (String, OffsetDateTime, AnomalyPolicy)>;
+
 pub(super) enum Msg {
     Event(Box<AuditRecord>),
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -41,7 +47,7 @@ impl Vault {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut detector = Detector::default();
-            let mut policies: HashMap<String, (OffsetDateTime, AnomalyPolicy)> = HashMap::new();
+            let mut policies = PolicyCache::new();
             while let Some(msg) = rx.recv().await {
                 let Some(v) = weak.upgrade() else { break };
                 match msg {
@@ -60,12 +66,12 @@ impl Vault {
 
     /// Hands a committed use to the detector; never waits (a full queue
     /// drops the event from detection, logged; the trail has it).
-    pub(super) fn feed_detector(&self, draft: &AuditDraft, seq: i64) {
+    pub(super) fn feed_detector(&self, draft: AuditDraft, seq: i64) {
         let Some(tx) = self.anomalies.tx.get() else { return };
         if !matches!(draft.action.as_str(), "secret.resolve" | "secret.proxy") || draft.actor.kind != "agent" {
             return;
         }
-        let r = AuditRecord { seq, event: draft.clone(), prev_hash: [0; 32], hash: [0; 32] };
+        let r = AuditRecord { seq, event: draft, prev_hash: [0; 32], hash: [0; 32] };
         if tx.try_send(Msg::Event(Box::new(r))).is_err() {
             tracing::warn!(seq, "anomaly detection queue full; event not examined");
         }
@@ -91,7 +97,7 @@ impl Vault {
     async fn examine(
         &self,
         detector: &mut Detector,
-        policies: &mut HashMap<String, (OffsetDateTime, AnomalyPolicy)>,
+        policies: &mut PolicyCache,
         r: &AuditRecord,
     ) -> Result<(), CoreError> {
         let (Some(org_id), Some(agent_id)) = (r.event.org_id.as_deref(), r.event.actor.id.as_deref()) else {
@@ -101,21 +107,16 @@ impl Vault {
             detector.seed(agent_id, self.history(org_id, agent_id, r.seq).await?);
         }
         let now = self.now();
-        let mut layered = AnomalyPolicy::default();
-        for key in [policy_key(org_id, Some(agent_id)), policy_key(org_id, None)] {
-            let fresh = policies.get(&key).filter(|(at, _)| now - *at < POLICY_TTL).map(|(_, p)| p.clone());
-            let p = match fresh {
-                Some(p) => p,
-                None => {
-                    let agent = key.matches(':').count() == 2;
-                    let p = self.stored_policy(org_id, agent.then_some(agent_id)).await?;
-                    policies.insert(key, (now, p.clone()));
-                    p
-                }
-            };
-            layered = layered.over(&p);
-        }
-        let policy = layered.effective();
+        let cached = policies.get(agent_id).filter(|(org, at, _)| org == org_id && now - *at < POLICY_TTL);
+        let policy = match cached {
+            Some((_, _, p)) => p.clone(),
+            None => {
+                let own = self.stored_policy(org_id, Some(agent_id)).await?;
+                let p = own.over(&self.stored_policy(org_id, None).await?).effective();
+                policies.insert(agent_id.to_owned(), (org_id.to_owned(), now, p.clone()));
+                p
+            }
+        };
         for (rule, detail) in detector.observe(r, &policy) {
             self.raise(r, rule, detail, policy.quarantine == Some(true)).await?;
         }
