@@ -305,7 +305,14 @@ async fn echoes_in_other_encodings_are_caught() {
     let r = t.s.http.get(t.url("openai", "/gzip")).bearer_auth(&t.token).send().await.unwrap();
     assert_eq!((r.status().as_u16(), error_code(&r.text().await.unwrap()).as_str()), (502, "upstream_compressed"));
     // Numeric host spellings that URL parsers read as addresses are refused when stored.
-    for host in ["https://127.1", "https://2130706433", "https://0x7f.0.0.1", "https://127.0.0.1."] {
+    for host in [
+        "https://127.1",
+        "https://2130706433",
+        "https://0x7f.0.0.1",
+        "https://127.0.0.1.",
+        "https://0x",
+        "https://10.0.0x",
+    ] {
         let out =
             t.s.cli_stdin(&["secret", "put", "numeric", "--provider", "openai", "--upstream", host], KEY.as_bytes());
         assert!(!out.status.success(), "{host} must be refused");

@@ -186,16 +186,17 @@ pub fn validate_origin(s: &str) -> Result<String, CoreError> {
         return Err(err("the port must be 1-65535"));
     }
     // An IPv4 literal only in its one canonical dotted form; a name must end
-    // in a label with a letter. URL parsers read `127.1`, `2130706433` or
-    // `0x7f.0.0.1` as addresses, which must not slip past the network guard
-    // as "names".
+    // in a label with a letter that is not a hex number. URL parsers read
+    // `127.1`, `2130706433`, `0x7f.0.0.1` or `10.0.0x` (a last label of `0x`
+    // and zero or more hex digits is a number to them) as addresses, which
+    // must not slip past the network guard as "names".
     if !rest.starts_with('[') && host.parse::<std::net::Ipv4Addr>().is_err() {
         let last = host.rsplit('.').next().unwrap_or("");
         let name_ok = !host.is_empty()
             && !host.ends_with('.')
             && host.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
             && last.bytes().any(|b| b.is_ascii_alphabetic())
-            && !(last.len() > 2
+            && !(last.len() >= 2
                 && last[..2].eq_ignore_ascii_case("0x")
                 && last[2..].bytes().all(|b| b.is_ascii_hexdigit()));
         if !name_ok {
@@ -536,6 +537,9 @@ mod tests {
         assert!(validate_origin("https://a.example:8443").is_ok());
         assert!(validate_origin("https://127.0.0.1:8443").is_ok());
         assert!(validate_origin("https://[::1]:8443").is_ok());
+        // Names whose last label merely starts like a hex number stay names.
+        assert!(validate_origin("https://api.0xyz").is_ok());
+        assert!(validate_origin("https://0x.example").is_ok());
         for bad in [
             "ftp://x",
             "https://",
@@ -551,6 +555,10 @@ mod tests {
             "https://x:0",
             "https://x:99999",
             "https://0x7f",
+            "https://0x",
+            "https://0X:8443",
+            "https://10.0.0x",
+            "https://192.168.1.0X",
             "https://a..b",
             "https://[::1",
             "https://[nope]",

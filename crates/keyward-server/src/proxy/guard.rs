@@ -35,16 +35,12 @@ pub fn classify(ip: IpAddr) -> AddrClass {
                 return classify_v4(v4);
             }
             let s = v6.segments();
-            // NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and 6to4 (2002::/16) embed
-            // an IPv4 address the gateway will reach: the embedded address
-            // decides metadata, and the form itself counts as internal.
-            if s[0] == 0x64 && s[1] == 0xff9b {
-                let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-                return worst(classify_v4(v4), AddrClass::Internal);
-            }
-            if s[0] == 0x2002 {
-                let v4 = Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
-                return worst(classify_v4(v4), AddrClass::Internal);
+            // Forms that embed an IPv4 address a gateway, translator or
+            // tunnel will reach: the embedded address decides metadata, and
+            // the form itself counts as internal.
+            let embedded = embedded_v4(&v6);
+            if !embedded.is_empty() {
+                return embedded.into_iter().map(classify_v4).fold(AddrClass::Internal, worst);
             }
             let internal = v6.is_loopback()
                 || v6.is_unspecified()
@@ -52,11 +48,42 @@ pub fn classify(ip: IpAddr) -> AddrClass {
                 || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
                 || (s[0] & 0xffc0) == 0xfe80 // link local fe80::/10
                 || (s[0] & 0xffc0) == 0xfec0 // site local (deprecated)
-                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || (s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0); // IPv4-compatible
+                || (s[0] == 0x2001 && s[1] == 0x0db8); // documentation
             if internal { AddrClass::Internal } else { AddrClass::Public }
         }
     }
+}
+
+/// The IPv4 addresses an IPv6 address carries, by the forms that carry one
+/// (several layouts where the prefix length is the operator's choice).
+fn embedded_v4(v6: &Ipv6Addr) -> Vec<Ipv4Addr> {
+    let s = v6.segments();
+    let o = v6.octets();
+    let at = |i: [usize; 4]| Ipv4Addr::new(o[i[0]], o[i[1]], o[i[2]], o[i[3]]);
+    let last32 = at([12, 13, 14, 15]);
+    if s[..6] == [0, 0, 0, 0, 0, 0] || s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        // IPv4-compatible (`::a.b.c.d`, `::` and `::1` among them) and
+        // IPv4-translated (`::ffff:0:a.b.c.d`, SIIT). IPv4-mapped addresses
+        // are plain IPv4 to the socket layer: `classify` takes them as such.
+        return vec![last32];
+    }
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+        // Local-use NAT64 (64:ff9b:1::/48, RFC 8215): RFC 6052's /48, /56,
+        // /64 and /96 layouts, the u octet (8) skipped.
+        return vec![at([6, 7, 9, 10]), at([7, 9, 10, 11]), at([9, 10, 11, 12]), last32];
+    }
+    if s[0] == 0x64 && s[1] == 0xff9b {
+        return vec![last32]; // well-known NAT64 prefix 64:ff9b::/96
+    }
+    if s[0] == 0x2002 {
+        return vec![at([2, 3, 4, 5])]; // 6to4 2002::/16
+    }
+    if s[0] == 0x2001 && s[1] == 0 {
+        // Teredo 2001::/32: the server, and the client with its bits inverted.
+        let client = Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15]);
+        return vec![at([4, 5, 6, 7]), client];
+    }
+    Vec::new()
 }
 
 fn classify_v4(ip: Ipv4Addr) -> AddrClass {
@@ -121,6 +148,11 @@ pub struct Lookup {
 
 impl Lookup {
     pub async fn resolve(&self, host: &str) -> std::io::Result<Vec<IpAddr>> {
+        // `localhost` is loopback (RFC 6761), whatever DNS, a search domain
+        // or a pin says: `http://localhost` is allowed as loopback only.
+        if host.eq_ignore_ascii_case("localhost") {
+            return Ok(vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)]);
+        }
         if let Some(ips) = self.pinned.get(&host.to_ascii_lowercase()) {
             return Ok(ips.clone());
         }
@@ -190,6 +222,10 @@ mod tests {
             "::ffff:127.0.0.1",
             "64:ff9b::808:808",
             "2002:0808:0808::1",
+            "::808:808",                            // IPv4-compatible
+            "::ffff:0:808:808",                     // IPv4-translated (SIIT)
+            "64:ff9b:1::808:808",                   // local-use NAT64
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2", // Teredo
         ] {
             assert_eq!(c(internal), AddrClass::Internal, "{internal}");
         }
@@ -201,8 +237,26 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "2002:a9fe:a9fe::1",
             "100.100.100.200",
+            "::a9fe:a9fe",
+            "::ffff:0:a9fe:a9fe",
+            "64:ff9b:1:a9fe:a9:fe00::",             // local-use NAT64, /48 layout
+            "64:ff9b:1:a9:fe:a9fe::",               // /56
+            "64:ff9b:1:0:a9:fea9:fe00:0",           // /64
+            "64:ff9b:1::a9fe:a9fe",                 // /96
+            "2001:0:4136:e378:8000:63bf:5601:5601", // Teredo client, bits inverted
+            "2001:0:a9fe:a9fe:8000:63bf:3fff:fdd2", // Teredo server
         ] {
             assert_eq!(c(meta), AddrClass::Metadata, "{meta}");
+        }
+    }
+
+    #[tokio::test]
+    async fn localhost_is_loopback_whatever_a_pin_says() {
+        let pinned = HashMap::from([("localhost".to_owned(), vec!["10.0.0.5".parse().unwrap()])]);
+        let lookup = Lookup { pinned: Arc::new(pinned) };
+        for name in ["localhost", "LocalHost"] {
+            let ips = lookup.resolve(name).await.unwrap();
+            assert!(!ips.is_empty() && ips.iter().all(|ip| ip.is_loopback()), "{name}: {ips:?}");
         }
     }
 

@@ -104,31 +104,75 @@ impl Upstreams {
         })
     }
 
+    /// The origin as the client reads it, parsed once.
+    fn parsed_origin(&self, origin: &str) -> Result<reqwest::Url, ApiError> {
+        let cached = self.origins.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(origin).cloned();
+        if let Some(u) = cached {
+            return Ok(u);
+        }
+        let u = reqwest::Url::parse(origin).map_err(|_| {
+            ApiError::new(StatusCode::BAD_GATEWAY, "upstream_invalid", "the secret's upstream is not a valid origin")
+        })?;
+        let mut origins = self.origins.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if origins.len() >= ORIGIN_CACHE {
+            origins.clear();
+        }
+        origins.insert(origin.to_owned(), u.clone());
+        Ok(u)
+    }
+
     /// `origin` + `path` + `query` as a URL, the origin parsed once.
     fn url(&self, origin: &str, path: &str, query: &[String]) -> Result<reqwest::Url, ApiError> {
-        let cached = self.origins.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(origin).cloned();
-        let mut url = match cached {
-            Some(u) => u,
-            None => {
-                let u = reqwest::Url::parse(origin).map_err(|_| {
-                    ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_invalid",
-                        "the secret's upstream is not a valid origin",
-                    )
-                })?;
-                let mut origins = self.origins.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if origins.len() >= ORIGIN_CACHE {
-                    origins.clear();
-                }
-                origins.insert(origin.to_owned(), u.clone());
-                u
-            }
-        };
+        let mut url = self.parsed_origin(origin)?;
         url.set_path(path);
         url.set_query((!query.is_empty()).then(|| query.join("&")).as_deref());
         Ok(url)
     }
+
+    /// The secret's bound origin, if the network policy lets a key go there.
+    /// A literal address is checked here, as the client's URL parser reads
+    /// it: that parser takes `0x` or `10.0.0x` for IPv4 addresses, so an
+    /// origin stored by an older, laxer validation cannot slip past as a
+    /// "name". Names are checked when they resolve.
+    fn checked_origin(&self, secret: &keyward_core::model::Secret) -> Result<String, ApiError> {
+        let origin = secret.upstream.clone().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "no_upstream",
+                "this secret is bound to no upstream (secret put --upstream)",
+            )
+        })?;
+        let parsed = self.parsed_origin(&origin)?;
+        let literal = literal_host(&parsed);
+        if let Some(ip) = literal {
+            guard::check(ip, secret.allow_internal).map_err(|e| {
+                tracing::warn!(detail = %e, "upstream address refused");
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "upstream_forbidden",
+                    "the upstream is an address this secret may not reach",
+                )
+            })?;
+        }
+        if parsed.scheme() == "http" {
+            // `localhost` always resolves to loopback (guard::Lookup).
+            let loopback = parsed.host_str() == Some("localhost") || literal.is_some_and(|ip| ip.is_loopback());
+            if !(loopback && secret.allow_internal) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "plaintext_upstream",
+                    "http:// upstreams are allowed only on loopback, for secrets allowed an internal upstream",
+                ));
+            }
+        }
+        Ok(origin)
+    }
+}
+
+/// The address a parsed URL's host is, if it is one (not a name).
+fn literal_host(url: &reqwest::Url) -> Option<IpAddr> {
+    let host = url.host_str()?;
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host).parse().ok()
 }
 
 impl Upstreams {
@@ -144,7 +188,7 @@ impl Upstreams {
         path: &str,
         value: &str,
     ) -> Result<StatusCode, String> {
-        let origin = checked_origin(secret).map_err(|e| e.message)?;
+        let origin = self.checked_origin(secret).map_err(|e| e.message)?;
         let (path, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
         let mut headers = HeaderMap::new();
         let mut query = presets::forward_query(query);
@@ -240,16 +284,6 @@ fn hop_by_hop(headers: &HeaderMap) -> Vec<HeaderName> {
         }
     }
     names
-}
-
-fn origin_host(origin: &str) -> (&str, &str) {
-    let (scheme, rest) = origin.split_once("://").unwrap_or(("https", origin));
-    let host = if let Some(v6) = rest.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        rest.rsplit_once(':').map_or(rest, |(h, _)| h)
-    };
-    (scheme, host)
 }
 
 fn upstream_error(e: &reqwest::Error) -> ApiError {
@@ -450,41 +484,6 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     Ok(response)
 }
 
-/// The secret's bound origin, if the network policy lets a key go there
-/// (literal addresses are checked here; names when they resolve).
-fn checked_origin(secret: &keyward_core::model::Secret) -> Result<String, ApiError> {
-    let origin = secret.upstream.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::FORBIDDEN,
-            "no_upstream",
-            "this secret is bound to no upstream (secret put --upstream)",
-        )
-    })?;
-    let (scheme, host) = origin_host(&origin);
-    let literal = host.parse::<IpAddr>().ok();
-    if let Some(ip) = literal {
-        guard::check(ip, secret.allow_internal).map_err(|e| {
-            tracing::warn!(detail = %e, "upstream address refused");
-            ApiError::new(
-                StatusCode::FORBIDDEN,
-                "upstream_forbidden",
-                "the upstream is an address this secret may not reach",
-            )
-        })?;
-    }
-    if scheme == "http" {
-        let loopback = host == "localhost" || literal.is_some_and(|ip| ip.is_loopback());
-        if !(loopback && secret.allow_internal) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "plaintext_upstream",
-                "http:// upstreams are allowed only on loopback, for secrets allowed an internal upstream",
-            ));
-        }
-    }
-    Ok(origin)
-}
-
 /// Checks the secret's binding and builds what goes upstream: the URL,
 /// the headers (agent credentials out, real key in) and the redactor.
 fn prepare(
@@ -495,7 +494,7 @@ fn prepare(
     websocket: bool,
 ) -> Result<(reqwest::Url, HeaderMap, redact::Redactor), ApiError> {
     let secret = &released.secret;
-    let origin = checked_origin(secret)?;
+    let origin = upstreams.checked_origin(secret)?;
     let value = released
         .value
         .expose_str()
@@ -654,10 +653,51 @@ mod tests {
         }
     }
 
-    #[test]
-    fn origin_hosts() {
-        assert_eq!(origin_host("https://api.openai.com"), ("https", "api.openai.com"));
-        assert_eq!(origin_host("https://127.0.0.1:8443"), ("https", "127.0.0.1"));
-        assert_eq!(origin_host("http://[::1]:80"), ("http", "::1"));
+    /// Literal addresses are checked as the client's URL parser reads them:
+    /// to it `0x` is 0.0.0.0 and `10.0.0x` is 10.0.0.0. An origin stored
+    /// before validation refused such spellings must still not take a key
+    /// to an internal address.
+    #[tokio::test]
+    async fn origins_are_checked_as_the_client_reads_them() {
+        let u = Upstreams::new(None, &[], Duration::from_secs(1)).unwrap();
+        let at = time::OffsetDateTime::UNIX_EPOCH;
+        let secret = |origin: &str, allow_internal: bool| keyward_core::model::Secret {
+            id: "sec_1".into(),
+            org_id: "org_1".into(),
+            name: "s".into(),
+            provider: "openai".into(),
+            upstream: Some(origin.into()),
+            allow_internal,
+            inject: None,
+            rotate_every_secs: None,
+            auto_rotation: None,
+            description: None,
+            tags: Vec::new(),
+            expires_at: None,
+            created_at: at,
+            updated_at: at,
+        };
+        let code = |origin: &str, allow_internal: bool| {
+            u.checked_origin(&secret(origin, allow_internal)).map(|_| ()).map_err(|e| e.code)
+        };
+        for (origin, allow_internal, want) in [
+            ("https://0x:8443", false, Err("upstream_forbidden")),
+            ("https://0X", false, Err("upstream_forbidden")),
+            ("https://10.0.0x", false, Err("upstream_forbidden")),
+            ("https://10.0.0x", true, Ok(())),
+            ("https://169.254.169.0x", false, Err("upstream_forbidden")),
+            ("https://169.254.169.254", true, Err("upstream_forbidden")),
+            ("https://[::ffff:169.254.169.254]", true, Err("upstream_forbidden")),
+            ("https://[::1]:8443", false, Err("upstream_forbidden")),
+            ("https://8.8.8.8", false, Ok(())),
+            ("https://api.openai.com", false, Ok(())),
+            ("http://localhost:8080", false, Err("plaintext_upstream")),
+            ("http://localhost:8080", true, Ok(())),
+            ("http://0x7f.0.0.1:8080", true, Ok(())),
+            ("http://10.0.0.1", true, Err("plaintext_upstream")),
+            ("http://api.openai.com", true, Err("plaintext_upstream")),
+        ] {
+            assert_eq!(code(origin, allow_internal), want, "{origin} allow_internal={allow_internal}");
+        }
     }
 }
