@@ -66,6 +66,28 @@ impl Setup {
             .unwrap()
     }
 
+    /// A TLS connection to keyward speaking HTTP/1.1 (WebSocket upgrades
+    /// need it), and keyward's `host:port`.
+    async fn tls_http1(&self) -> (tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String) {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(&self.s.ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let addr = self.s.addr.trim_start_matches("https://").to_owned();
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+        (tls, addr)
+    }
+
     /// The mock saw the real key and never the agent token.
     fn assert_upstream_clean(&self) {
         for r in self.mock.requests() {
@@ -497,23 +519,7 @@ async fn websocket_handshake_carries_the_real_key_and_frames_flow_both_ways() {
     );
     t.s.grant(None, "bot", "realtime", "proxy", &[]);
 
-    // TLS to keyward with its CA, HTTP/1.1 (WebSocket upgrades need it).
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&t.s.ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let addr = t.s.addr.trim_start_matches("https://").to_owned();
-    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    let (tls, addr) = t.tls_http1().await;
     let mut req = format!("wss://{addr}/proxy/realtime/v1/realtime?model=gpt-x").into_client_request().unwrap();
     req.headers_mut().insert("authorization", format!("Bearer {}", t.token).parse().unwrap());
     let (mut ws, resp) = tokio_tungstenite::client_async(req, tls).await.expect("handshake through keyward");
@@ -530,6 +536,54 @@ async fn websocket_handshake_carries_the_real_key_and_frames_flow_both_ways() {
     ws.close(None).await.ok();
 
     assert_eq!(t.mock.ws_auth.lock().unwrap().clone(), vec![format!("Bearer {KEY}")]);
+}
+
+/// An echo of the key cannot come back in pieces or packed: a range request
+/// is forwarded without its range, a compressed answer is refused even
+/// behind an innocent first Content-Encoding line, and a WebSocket handshake
+/// that declares a body (which would leave a pooled upstream connection
+/// waiting for bytes the next agent's request fills) is refused before
+/// anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoes_cannot_come_back_in_pieces_or_packed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = setup().await;
+    let h = &t.s.http;
+    let r = h
+        .get(t.url("openai", "/echo/json"))
+        .bearer_auth(&t.token)
+        .header("range", "bytes=0-9")
+        .header("if-range", "\"v1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("[redacted by keyward]"));
+    let seen = t.mock.last();
+    assert!(seen.header("range").is_none() && seen.header("if-range").is_none(), "a range reached the upstream");
+
+    let r = h.get(t.url("openai", "/gzip-hidden")).bearer_auth(&t.token).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), error_code(&r.text().await.unwrap()).as_str()), (502, "upstream_compressed"));
+
+    let before = t.mock.requests().len();
+    let (mut tls, _) = t.tls_http1().await;
+    let head = format!(
+        "GET /proxy/openai/v1/realtime HTTP/1.1\r\nHost: keyward\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {}\r\nContent-Length: 5\r\n\r\nhello",
+        t.token
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("websocket_body") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await.expect("an answer").unwrap();
+        assert!(n > 0, "closed without the refusal: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(t.mock.requests().len(), before, "the handshake reached the upstream");
+    t.assert_upstream_clean();
 }
 
 /// Webhooks: signed, without values, and a receiver that is down delays

@@ -378,6 +378,14 @@ async fn answer(State(st): State<MockState>, req: Request) -> Response {
         ),
         "/gzip" => ([("content-encoding", "gzip"), ("content-type", "application/json")], vec![0x1f, 0x8b, 0x08, 0])
             .into_response(),
+        // A second Content-Encoding line behind an innocent first one.
+        "/gzip-hidden" => {
+            let mut r = vec![0x1fu8, 0x8b, 0x08, 0].into_response();
+            for coding in ["identity", "gzip"] {
+                r.headers_mut().append("content-encoding", axum::http::HeaderValue::from_static(coding));
+            }
+            r
+        }
         "/slow" => {
             tokio::time::sleep(Duration::from_secs(5)).await;
             json(serde_json::json!({"late": true}))

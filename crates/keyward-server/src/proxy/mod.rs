@@ -286,6 +286,23 @@ fn hop_by_hop(headers: &HeaderMap) -> Vec<HeaderName> {
     names
 }
 
+/// Whether an answer's body comes in a coding keyward would pass on
+/// unread: a content coding other than `identity` on any Content-Encoding
+/// line, or a transfer coding other than `chunked` (the only one the client
+/// removes).
+fn compressed(headers: &HeaderMap) -> bool {
+    fn codings(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
+        headers
+            .get_all(name)
+            .into_iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|c| !c.is_empty())
+    }
+    codings(headers, header::CONTENT_ENCODING).any(|c| !c.eq_ignore_ascii_case(b"identity"))
+        || codings(headers, header::TRANSFER_ENCODING).any(|c| !c.eq_ignore_ascii_case(b"chunked"))
+}
+
 fn upstream_error(e: &reqwest::Error) -> ApiError {
     let mut src: Option<&dyn std::error::Error> = Some(e);
     while let Some(s) = src {
@@ -325,6 +342,14 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     let websocket = match parts.headers.get(header::UPGRADE) {
         None => None,
         Some(v) if v.as_bytes().eq_ignore_ascii_case(b"websocket") => {
+            // A handshake has no body. One that declares a length would
+            // leave the upstream waiting for bytes that never come, on a
+            // pooled connection the next agent's request then fills.
+            let declares_body = parts.headers.get(header::CONTENT_LENGTH).is_some_and(|l| l.as_bytes() != b"0")
+                || parts.headers.contains_key(header::TRANSFER_ENCODING);
+            if declares_body {
+                return Err(ApiError::bad_request("websocket_body", "a WebSocket handshake carries no body"));
+            }
             let on_upgrade = parts
                 .extensions
                 .remove::<hyper::upgrade::OnUpgrade>()
@@ -383,7 +408,7 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     let status = resp.status();
     // keyward asked for `identity`; a compressed answer could hide an echo
     // of the key from redaction, so it is refused rather than passed on.
-    if resp.headers().get(header::CONTENT_ENCODING).is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity")) {
+    if compressed(resp.headers()) {
         let err = ApiError::new(
             StatusCode::BAD_GATEWAY,
             "upstream_compressed",
@@ -505,6 +530,9 @@ fn prepare(
         headers.remove(h);
     }
     if websocket {
+        // Nothing follows the handshake's head (`forward` refuses a body).
+        headers.remove(header::CONTENT_LENGTH);
+        headers.remove(header::EXPECT);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         // No permessage-deflate: frames must stay plain to be redacted.
@@ -514,6 +542,10 @@ fn prepare(
     headers.remove(crate::handlers::PURPOSE_HEADER);
     // Compressed answers could hide an echoed key from redaction.
     headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    // So could ranges: pieces of an echo shorter than the key, each passing
+    // redaction, that the agent joins again.
+    headers.remove(header::RANGE);
+    headers.remove(header::IF_RANGE);
     presets::strip_agent_credentials(&mut headers);
     let mut query = presets::forward_query(parts.uri.query());
     presets::inject(&secret.provider, secret.inject.as_deref(), value, &mut headers, &mut query)?;
@@ -650,6 +682,33 @@ mod tests {
                 format!("{origin}{path}?{}", query.join("&"))
             };
             assert_eq!(url, reqwest::Url::parse(&text).unwrap());
+        }
+    }
+
+    #[test]
+    fn compressed_answers_are_found_on_every_header_line() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (n, v) in pairs {
+                m.append(*n, HeaderValue::from_static(v));
+            }
+            m
+        };
+        for plain in [
+            h(&[]),
+            h(&[("content-encoding", "identity")]),
+            h(&[("content-encoding", "Identity"), ("transfer-encoding", "chunked")]),
+        ] {
+            assert!(!compressed(&plain), "{plain:?}");
+        }
+        for packed in [
+            h(&[("content-encoding", "gzip")]),
+            h(&[("content-encoding", "identity"), ("content-encoding", "gzip")]),
+            h(&[("content-encoding", "identity, br")]),
+            h(&[("transfer-encoding", "gzip, chunked")]),
+            h(&[("transfer-encoding", "chunked"), ("transfer-encoding", "deflate")]),
+        ] {
+            assert!(compressed(&packed), "{packed:?}");
         }
     }
 
