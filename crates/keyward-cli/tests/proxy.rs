@@ -534,8 +534,47 @@ async fn websocket_handshake_carries_the_real_key_and_frames_flow_both_ways() {
     let echoed = ws.next().await.unwrap().unwrap().into_text().unwrap();
     assert_eq!(echoed.as_str(), "your key: Bearer [redacted by keyward]");
     ws.close(None).await.ok();
+    drop(ws);
 
     assert_eq!(t.mock.ws_auth.lock().unwrap().clone(), vec![format!("Bearer {KEY}")]);
+    // The tunnel's outcome counts what reached the agent, whichever side
+    // ended it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let reason = loop {
+        let out = t.s.cli(&["audit", "--secret", "realtime", "--action", "secret.proxy.done", "--json"]);
+        let text = String::from_utf8(out.stdout).unwrap();
+        if let Some(done) = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).next() {
+            break done["reason"].as_str().unwrap().to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "no outcome event for the tunnel");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let bytes: u64 = reason.split(", ").find_map(|p| p.strip_suffix(" bytes")?.parse().ok()).expect(&reason);
+    assert!(reason.contains("status 101") && bytes >= 5, "{reason}");
+}
+
+/// An agent that goes away before the upstream answers still leaves the
+/// use's outcome in the trail: every allowed `secret.proxy` gets its
+/// `secret.proxy.done`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_hangs_up_early_still_gets_its_outcome_audited() {
+    let t = setup().await;
+    let gone =
+        t.s.http.get(t.url("openai", "/slow")).bearer_auth(&t.token).timeout(Duration::from_millis(500)).send().await;
+    assert!(gone.is_err_and(|e| e.is_timeout()), "the agent gave up first");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = t.s.cli(&["audit", "--secret", "openai", "--action", "secret.proxy.done", "--json"]);
+        let text = String::from_utf8(out.stdout).unwrap();
+        if let Some(done) = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).next() {
+            let reason = done["reason"].as_str().unwrap().to_owned();
+            assert!(reason.contains("status 499") && reason.contains("client_gone"), "{reason}");
+            assert_eq!(done["outcome"], "error");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no outcome event for the abandoned call");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// An echo of the key cannot come back in pieces or packed: a range request

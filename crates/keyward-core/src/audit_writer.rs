@@ -136,7 +136,13 @@ impl AuditWriter {
             Ok(()) => self.lingering.notify_one(),
             Err(mpsc::error::TrySendError::Full(queued)) => {
                 let (tx, lingering) = (self.tx.clone(), self.lingering.clone());
-                tokio::spawn(async move {
+                // Called from drops too: outside a runtime there is nothing
+                // to wait on, and a panic there would abort.
+                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                    tracing::error!("audit queue full outside a runtime: an outcome event was not recorded");
+                    return;
+                };
+                rt.spawn(async move {
                     match tx.send(queued).await {
                         Ok(()) => lingering.notify_one(),
                         Err(_) => tracing::error!("audit writer stopped: an outcome event was not recorded"),

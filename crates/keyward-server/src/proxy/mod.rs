@@ -371,6 +371,7 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
         released_seq: released.audit_seq,
         meta: meta.clone(),
         started,
+        recorded: false,
     };
     // The use is already audited as allowed: every refusal from here on
     // completes the trail with its reason.
@@ -571,7 +572,14 @@ async fn websocket_tunnel(
             out.headers_mut().insert(name, v.unwrap_or(HeaderValue::from_static("[redacted by keyward]")));
         }
     }
-    let upstream = resp.upgrade().await.map_err(|e| upstream_error(&e))?;
+    let upstream = match resp.upgrade().await {
+        Ok(u) => u,
+        Err(e) => {
+            let err = upstream_error(&e.without_url());
+            outcome.record(err.status.as_u16(), 0, Some("upstream_upgrade_failed"));
+            return Err(err);
+        }
+    };
     tokio::spawn(async move {
         let agent = match agent_side.await {
             Ok(a) => hyper_util::rt::TokioIo::new(a),
@@ -582,7 +590,8 @@ async fn websocket_tunnel(
         let mut agent_read = agent_read;
         let mut upstream_write = upstream_write;
         let up = async { tokio::io::copy(&mut agent_read, &mut upstream_write).await };
-        let down = websocket::copy_redacted(&mut upstream_read, &mut agent_write, redactor);
+        let counted = std::sync::atomic::AtomicU64::new(0);
+        let down = websocket::copy_redacted(&mut upstream_read, &mut agent_write, redactor, &counted);
         let vault = outcome.vault.clone();
         let record = outcome.record.clone();
         let mut policy = vault.watch_policy();
@@ -594,31 +603,41 @@ async fn websocket_tunnel(
             }
             std::future::pending::<()>().await
         };
-        let (sent, failure) = tokio::select! {
-            r = down => match r {
-                Ok(n) => (n, None),
-                Err(_) => (0, Some("websocket_error")),
-            },
-            _ = up => (0, None),
-            _ = killed => (0, Some("killed_by_policy_change")),
+        let failure = tokio::select! {
+            r = down => r.err().map(|_| "websocket_error"),
+            _ = up => None,
+            _ = killed => Some("killed_by_policy_change"),
         };
-        outcome.record(101, sent, failure);
+        outcome.record(101, counted.into_inner(), failure);
     });
     Ok(out)
 }
 
 /// Completes a proxied request's audit record once the answer is over.
+/// Dropped unrecorded (the agent went away before the upstream answered,
+/// so the handler's future was dropped), it records that: every allowed use
+/// gets its outcome event.
 struct Outcome {
     vault: Arc<keyward_core::Vault>,
     record: keyward_core::vault::UseRecord,
     released_seq: i64,
     meta: RequestMeta,
     started: Instant,
+    recorded: bool,
 }
+
+/// The status recorded when the agent went away before any answer (as
+/// nginx logs it: "client closed request").
+const CLIENT_GONE: u16 = 499;
 
 impl Outcome {
     /// Queues the outcome event; it commits with the next access's record.
-    fn record(self, status: u16, bytes: u64, failure: Option<&'static str>) {
+    fn record(mut self, status: u16, bytes: u64, failure: Option<&'static str>) {
+        self.write(status, bytes, failure);
+    }
+
+    fn write(&mut self, status: u16, bytes: u64, failure: Option<&'static str>) {
+        self.recorded = true;
         let detail = format!(
             "for seq {}: status {status}, {bytes} bytes, {} ms{}",
             self.released_seq,
@@ -626,6 +645,14 @@ impl Outcome {
             failure.map(|f| format!(", {f}")).unwrap_or_default()
         );
         self.vault.record_proxy_outcome(&self.record, &self.meta, failure.is_none(), detail);
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.write(CLIENT_GONE, 0, Some("client_gone"));
+        }
     }
 }
 

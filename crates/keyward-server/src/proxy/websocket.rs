@@ -21,14 +21,19 @@ pub enum FrameError {
     Opcode(u8),
 }
 
-/// Copies upstream → agent frame by frame, redacting data payloads. Returns
-/// the payload bytes sent.
-pub async fn copy_redacted<R, W>(mut from: R, mut to: W, mut redactor: Redactor) -> Result<u64, FrameError>
+/// Copies upstream → agent frame by frame, redacting data payloads, and
+/// counts the payload bytes sent in `sent` as it goes (the audit record
+/// wants them also when the agent's side ends the tunnel first).
+pub async fn copy_redacted<R, W>(
+    mut from: R,
+    mut to: W,
+    mut redactor: Redactor,
+    sent: &std::sync::atomic::AtomicU64,
+) -> Result<(), FrameError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut sent = 0u64;
     loop {
         let mut head = [0u8; 2];
         match from.read_exact(&mut head).await {
@@ -83,13 +88,13 @@ where
             out
         };
         write_frame(&mut to, fin, opcode, &out).await?;
-        sent += out.len() as u64;
+        sent.fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
         if opcode == 0x8 {
             break; // close
         }
     }
     to.shutdown().await.ok();
-    Ok(sent)
+    Ok(())
 }
 
 /// A server-to-client frame: never masked.
@@ -118,7 +123,9 @@ mod tests {
 
     async fn frames(input: Vec<u8>) -> Vec<u8> {
         let mut out = Vec::new();
-        copy_redacted(&input[..], &mut out, Redactor::new(&[b"sk-SECRET-123456789"])).await.unwrap();
+        let sent = std::sync::atomic::AtomicU64::new(0);
+        copy_redacted(&input[..], &mut out, Redactor::new(&[b"sk-SECRET-123456789"]), &sent).await.unwrap();
+        assert!(sent.into_inner() > 0);
         out
     }
 
