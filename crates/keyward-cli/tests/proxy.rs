@@ -267,6 +267,15 @@ async fn path_tricks_never_leave_the_bound_origin() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "{path}");
     }
     assert_eq!(t.mock.requests().len(), before, "no tricked request reached the upstream");
+    // Each probe is a denied use in the trail, naming the agent.
+    let out = t.s.cli(&["audit", "--action", "secret.proxy", "--outcome", "denied", "--json"]);
+    let probes: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(probes.len(), 5, "{probes:?}");
+    for p in &probes {
+        assert_eq!(p["actor"]["name"], "bot", "{p}");
+        assert!(p["reason"].as_str().unwrap().starts_with("invalid_path: GET /proxy/openai/"), "{p}");
+    }
 
     // Absolute-form request target and a foreign Host header: still the bound origin.
     let out = std::process::Command::new("curl")

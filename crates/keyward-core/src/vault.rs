@@ -99,6 +99,16 @@ pub enum UseMode {
     Proxy,
 }
 
+impl UseMode {
+    /// The audit action of a use in this mode.
+    fn action(self) -> &'static str {
+        match self {
+            UseMode::Reveal => "secret.resolve",
+            UseMode::Proxy => "secret.proxy",
+        }
+    }
+}
+
 /// A value handed out by [`Vault::use_secret`], after its audit record committed.
 pub struct Released {
     pub secret: Secret,
@@ -788,41 +798,21 @@ impl Vault {
     ) -> Result<Released, CoreError> {
         self.ensure_unsealed()?;
         let now = self.now();
-        let action = match mode {
-            UseMode::Reveal => "secret.resolve",
-            UseMode::Proxy => "secret.proxy",
-        };
         let mut draft = AuditDraft {
-            action: action.into(),
+            action: mode.action().into(),
             secret_name: Some(clean_free_text(secret_ref)),
             ..draft_base(now, Outcome::Denied, meta)
         };
         let (agent, tok) = match self.agent_for_token(presented_token, meta.source_ip.as_deref()).await? {
             Ok(found) => found,
             Err((reason, known)) => {
-                draft.actor = Actor::anonymous();
-                if let Some((agent, tok)) = known {
-                    draft.org_id = Some(agent.org_id.clone());
-                    draft.actor = Actor {
-                        kind: "agent".into(),
-                        id: Some(agent.id),
-                        name: Some(agent.name),
-                        token_id: Some(tok.id),
-                    };
-                }
-                draft.reason = Some(reason.into());
                 self.count_use(mode, false);
-                self.audit_failure(draft).await?;
+                self.audit_token_refusal(draft, reason, known).await?;
                 return Err(CoreError::Unauthenticated { reason });
             }
         };
         draft.org_id = Some(agent.org_id.clone());
-        draft.actor = Actor {
-            kind: "agent".into(),
-            id: Some(agent.id.clone()),
-            name: Some(agent.name.clone()),
-            token_id: Some(tok.id.clone()),
-        };
+        draft.actor = agent_actor(&agent, &tok);
         let decision = self.decide(&agent, secret_ref, mode, version, now).await?;
         let (secret, version) = match decision {
             Ok(found) => found,
@@ -865,6 +855,54 @@ impl Vault {
         self.count_use(mode, true);
         let value = self.decrypt_version(&secret, &version).await?;
         Ok(Released { secret, version: version.version, audit_seq, value, record })
+    }
+
+    /// Audits a use refused before any secret was looked at (a malformed
+    /// proxy path, an unsupported upgrade): a denied use with `reason` and
+    /// the request's target, naming the agent if its token is valid; a bad
+    /// token is audited as [`use_secret`](Self::use_secret) audits it. An
+    /// error is an audit failure (or the failure rate limit): the caller
+    /// refuses with it instead.
+    pub async fn audit_refused_use(
+        &self,
+        presented_token: &str,
+        mode: UseMode,
+        reason: &'static str,
+        meta: &RequestMeta,
+    ) -> Result<(), CoreError> {
+        self.ensure_unsealed()?;
+        let draft = AuditDraft { action: mode.action().into(), ..draft_base(self.now(), Outcome::Denied, meta) };
+        self.count_use(mode, false);
+        match self.agent_for_token(presented_token, meta.source_ip.as_deref()).await? {
+            Ok((agent, tok)) => {
+                let target = meta.target.as_deref().unwrap_or("-");
+                let draft = AuditDraft {
+                    org_id: Some(agent.org_id.clone()),
+                    actor: agent_actor(&agent, &tok),
+                    reason: Some(clean_free_text(&format!("{reason}: {target}"))),
+                    ..draft
+                };
+                self.audit_now(draft).await.map(|_| ())
+            }
+            Err((token_reason, known)) => self.audit_token_refusal(draft, token_reason, known).await,
+        }
+    }
+
+    /// Audits a use whose token was refused (the agent named if the token
+    /// is one of its dead ones), under the failure rate limit.
+    async fn audit_token_refusal(
+        &self,
+        mut draft: AuditDraft,
+        reason: &'static str,
+        known: Option<(Agent, AgentToken)>,
+    ) -> Result<(), CoreError> {
+        draft.actor = Actor::anonymous();
+        if let Some((agent, tok)) = known {
+            draft.org_id = Some(agent.org_id.clone());
+            draft.actor = agent_actor(&agent, &tok);
+        }
+        draft.reason = Some(reason.into());
+        self.audit_failure(draft).await
     }
 
     /// Completes the trail of a proxied use once its answer is over: status,
@@ -1609,6 +1647,15 @@ fn validate_tags(tags: Vec<String>) -> Result<Vec<String>, CoreError> {
         }
     }
     Ok(tags)
+}
+
+fn agent_actor(agent: &Agent, tok: &AgentToken) -> Actor {
+    Actor {
+        kind: "agent".into(),
+        id: Some(agent.id.clone()),
+        name: Some(agent.name.clone()),
+        token_id: Some(tok.id.clone()),
+    }
 }
 
 fn draft_base(time: OffsetDateTime, outcome: Outcome, meta: &RequestMeta) -> AuditDraft {

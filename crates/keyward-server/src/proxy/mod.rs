@@ -338,33 +338,21 @@ pub async fn handle(State(s): State<AppState>, Meta(meta): Meta, req: Request) -
 async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Response, ApiError> {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
-    let (secret_ref, path) = split_path(parts.uri.path())?;
-    let websocket = match parts.headers.get(header::UPGRADE) {
-        None => None,
-        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"websocket") => {
-            // A handshake has no body. One that declares a length would
-            // leave the upstream waiting for bytes that never come, on a
-            // pooled connection the next agent's request then fills.
-            let declares_body = parts.headers.get(header::CONTENT_LENGTH).is_some_and(|l| l.as_bytes() != b"0")
-                || parts.headers.contains_key(header::TRANSFER_ENCODING);
-            if declares_body {
-                return Err(ApiError::bad_request("websocket_body", "a WebSocket handshake carries no body"));
-            }
-            let on_upgrade = parts
-                .extensions
-                .remove::<hyper::upgrade::OnUpgrade>()
-                .ok_or_else(|| ApiError::bad_request("upgrade_unsupported", "WebSocket upgrades need HTTP/1.1"))?;
-            Some(on_upgrade)
-        }
-        Some(_) => return Err(ApiError::bad_request("upgrade_unsupported", "only WebSocket upgrades are proxied")),
-    };
     let token = presets::find_agent_token(&parts.headers, parts.uri.query()).map(|(t, _)| t);
+    let token = token.as_deref().map_or("", |t| t.as_str());
+    let (secret_ref, path, websocket) = match admissible(&mut parts) {
+        Ok(found) => found,
+        Err(refused) => {
+            // Refused before any secret was looked at (a traversal probe,
+            // say): still a denied use in the trail, naming the agent.
+            meta.target = Some(format!("{} {}", parts.method, parts.uri.path()));
+            s.vault.audit_refused_use(token, UseMode::Proxy, refused.code, &meta).await?;
+            return Err(refused);
+        }
+    };
     // No query values in the audit trail: they may carry data.
     meta.target = Some(format!("{} {}", parts.method, path));
-    let released = s
-        .vault
-        .use_secret(token.as_deref().map_or("", |t| t.as_str()), &secret_ref, UseMode::Proxy, None, &meta)
-        .await?;
+    let released = s.vault.use_secret(token, &secret_ref, UseMode::Proxy, None, &meta).await?;
     let outcome = Outcome {
         vault: s.vault.clone(),
         record: released.record.clone(),
@@ -555,6 +543,35 @@ fn prepare(
         &presets::key_parts(&secret.provider, value).iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
     );
     Ok((url, headers, redactor))
+}
+
+/// What a proxied request must be before its secret is looked at: a clean
+/// path (secret, path to forward) and, for a WebSocket handshake, one
+/// without a body on HTTP/1.1 (the agent's side of the upgrade).
+fn admissible(
+    parts: &mut axum::http::request::Parts,
+) -> Result<(String, String, Option<hyper::upgrade::OnUpgrade>), ApiError> {
+    let (secret_ref, path) = split_path(parts.uri.path())?;
+    let websocket = match parts.headers.get(header::UPGRADE) {
+        None => None,
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"websocket") => {
+            // A handshake has no body. One that declares a length would
+            // leave the upstream waiting for bytes that never come, on a
+            // pooled connection the next agent's request then fills.
+            let declares_body = parts.headers.get(header::CONTENT_LENGTH).is_some_and(|l| l.as_bytes() != b"0")
+                || parts.headers.contains_key(header::TRANSFER_ENCODING);
+            if declares_body {
+                return Err(ApiError::bad_request("websocket_body", "a WebSocket handshake carries no body"));
+            }
+            let on_upgrade = parts
+                .extensions
+                .remove::<hyper::upgrade::OnUpgrade>()
+                .ok_or_else(|| ApiError::bad_request("upgrade_unsupported", "WebSocket upgrades need HTTP/1.1"))?;
+            Some(on_upgrade)
+        }
+        Some(_) => return Err(ApiError::bad_request("upgrade_unsupported", "only WebSocket upgrades are proxied")),
+    };
+    Ok((secret_ref, path, websocket))
 }
 
 /// Answers 101 and joins the agent's and the upstream's connections.
