@@ -1,7 +1,8 @@
 //! Keeps the real key from reaching the agent even when the upstream echoes
-//! it: every occurrence of the value — as is, or base64-encoded (standard or
-//! URL-safe alphabet, at any byte alignment) — in response headers and body
-//! is replaced, also when it is split across streamed chunks.
+//! it: every occurrence of the value — as is, JSON-escaped the ways common
+//! encoders escape, percent-encoded, or base64-encoded (standard or URL-safe
+//! alphabet, at any byte alignment) — in response headers and body is
+//! replaced, also when it is split across streamed chunks.
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
@@ -20,10 +21,10 @@ pub struct Redactor {
     carry: Zeroizing<Vec<u8>>,
 }
 
-fn percent_encoded(value: &[u8], upper: bool, plus_for_space: bool) -> Vec<u8> {
+fn percent_encoded(value: &[u8], upper: bool, plus_for_space: bool, keep_slash: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(value.len() * 3);
     for &b in value {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || (keep_slash && b == b'/') {
             out.push(b);
         } else if b == b' ' && plus_for_space {
             out.push(b'+');
@@ -36,17 +37,36 @@ fn percent_encoded(value: &[u8], upper: bool, plus_for_space: bool) -> Vec<u8> {
     out
 }
 
-/// The forms a value can be echoed in: as is, JSON-escaped (`\/`),
-/// percent-encoded (a query-injected key echoed in a URL), and base64.
+/// A JSON string's escaping of `value`: `"` and `\` always (every
+/// encoder), `/` as `\/` if `slash` (PHP, some Java), and `<`, `>`, `&` as
+/// `\u003c`… if `html` (Go's default).
+fn json_escaped(value: &[u8], slash: bool, html: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len() + 8);
+    for &b in value {
+        match b {
+            b'"' | b'\\' => out.extend_from_slice(&[b'\\', b]),
+            b'/' if slash => out.extend_from_slice(b"\\/"),
+            b'<' | b'>' | b'&' if html => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+/// The forms a value can be echoed in: as is, JSON-escaped,
+/// percent-encoded (a query-injected key echoed in a URL; `/` encoded or
+/// kept, as Python's `quote` keeps it), and base64.
 fn forms_of(value: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
     let mut forms = vec![Zeroizing::new(value.to_vec())];
-    if value.contains(&b'/') {
-        let escaped: Vec<u8> =
-            value.iter().flat_map(|&b| if b == b'/' { vec![b'\\', b'/'] } else { vec![b] }).collect();
-        forms.push(Zeroizing::new(escaped));
+    for (slash, html) in [(false, false), (true, false), (false, true), (true, true)] {
+        forms.push(Zeroizing::new(json_escaped(value, slash, html)));
     }
-    for (upper, plus) in [(true, false), (false, false), (true, true), (false, true)] {
-        forms.push(Zeroizing::new(percent_encoded(value, upper, plus)));
+    for upper in [true, false] {
+        for plus in [false, true] {
+            for keep_slash in [false, true] {
+                forms.push(Zeroizing::new(percent_encoded(value, upper, plus, keep_slash)));
+            }
+        }
     }
     for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
         for offset in 0..3usize {
@@ -218,9 +238,25 @@ mod tests {
             "api_key=gen%2bKEY%2fwith%3dchars%201234567890",
             "api_key=gen%2BKEY%2Fwith%3Dchars+1234567890",
             "{\"k\":\"gen+KEY\\/with=chars 1234567890\"}",
+            // Python's quote() keeps `/`.
+            "api_key=gen%2BKEY/with%3Dchars%201234567890",
         ] {
             let out = r.redact_all(echo.as_bytes()).unwrap_or_else(|| panic!("missed {echo}"));
             assert!(String::from_utf8_lossy(&out).contains("[redacted by keyward]"), "{echo}");
+        }
+    }
+
+    #[test]
+    fn json_escapes_of_every_common_encoder_are_replaced() {
+        let value = br#"k3y"with\back/slash&<amp>"#;
+        let r = Redactor::new(&[value]);
+        for echo in [
+            r#"{"k":"k3y\"with\\back/slash&<amp>"}"#,                // serde, Python
+            r#"{"k":"k3y\"with\\back\/slash&<amp>"}"#,               // PHP
+            r#"{"k":"k3y\"with\\back/slash\u0026\u003camp\u003e"}"#, // Go
+        ] {
+            let out = r.redact_all(echo.as_bytes()).unwrap_or_else(|| panic!("missed {echo}"));
+            assert_eq!(out, br#"{"k":"[redacted by keyward]"}"#, "{echo}");
         }
     }
 
