@@ -562,6 +562,20 @@ async fn websocket_handshake_carries_the_real_key_and_frames_flow_both_ways() {
     assert!(reason.contains("status 101") && bytes >= 5, "{reason}");
 }
 
+/// A connection that stays silent after the TLS handshake is closed, not
+/// kept forever (no token is needed to open one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let t = setup().await;
+    let (mut tls, _) = t.tls_http1().await;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf)).await.expect("closed in time");
+    assert!(read.as_ref().map_or(true, |n| *n == 0), "the server sent something: {read:?}");
+    assert!(started.elapsed() >= Duration::from_secs(5), "closed too early: {:?}", started.elapsed());
+}
+
 /// An agent that goes away before the upstream answers still leaves the
 /// use's outcome in the trail: every allowed `secret.proxy` gets its
 /// `secret.proxy.done`.

@@ -10,6 +10,9 @@ use keyward_core::Vault;
 use crate::app;
 use crate::handlers::AppState;
 
+/// How long a new connection may take to send its first complete request.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Binds, then calls `on_listening` with the bound address (port 0 picks a
 /// free one), then serves until SIGINT/SIGTERM.
 pub async fn run(
@@ -34,14 +37,26 @@ pub async fn run(
     let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(RustlsConfig::from_config(tls))
         .handshake_timeout(Duration::from_secs(10))
         .acceptor(axum_server::accept::NoDelayAcceptor::new());
-    let mut server = axum_server::from_tcp(listener)?.acceptor(acceptor).handle(handle);
+    // A connection that sends no complete first request in time is closed:
+    // otherwise one that stays silent after the TLS handshake (or after the
+    // HTTP/2 preface) holds a socket forever, and enough of them, no token
+    // needed, exhaust the server's file descriptors.
+    let mut server =
+        axum_server::from_tcp(listener)?.acceptor(acceptor).handle(handle).first_request_timeout(FIRST_REQUEST_TIMEOUT);
     server
         .http_builder()
         .http1()
         .max_buf_size(64 * 1024)
         .header_read_timeout(Duration::from_secs(10))
         .timer(hyper_util::rt::TokioTimer::new());
-    server.http_builder().http2().max_header_list_size(64 * 1024).max_concurrent_streams(256);
+    // Pings find HTTP/2 peers that vanished without closing.
+    server
+        .http_builder()
+        .http2()
+        .max_header_list_size(64 * 1024)
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
     // Grace periods end on time even when nobody uses the secret.
     let sweeper = Arc::downgrade(&vault);
     tokio::spawn(async move {
