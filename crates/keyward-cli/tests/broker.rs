@@ -461,7 +461,13 @@ async fn bad_input_gets_a_json_error_and_stores_nothing(b: Backend) {
         ("value over 64 KiB", format!(r#"{{"name":"ok","value":"{big}"}}"#), 400, "invalid_input"),
         ("malformed JSON", r#"{"name":"ok","value":"#.into(), 400, "invalid_json"),
         ("unknown field", r#"{"name":"ok","value":"v","colour":"red"}"#.into(), 400, "invalid_json"),
-        ("wrong type", r#"{"name":"ok","value":42}"#.into(), 400, "invalid_json"),
+        ("wrong type", r#"{"name":"ok","value":987654321}"#.into(), 400, "invalid_json"),
+        (
+            "a value in a number's place",
+            r#"{"name":"ok","value":"v","allow_internal":"sk-live-987654321"}"#.into(),
+            400,
+            "invalid_json",
+        ),
         ("unknown provider", r#"{"name":"ok","value":"v","provider":"nope"}"#.into(), 400, "invalid_input"),
         (
             "upstream with a path",
@@ -475,7 +481,10 @@ async fn bad_input_gets_a_json_error_and_stores_nothing(b: Backend) {
         let resp = post(body).send().await.unwrap();
         assert_eq!(resp.status().as_u16(), status, "{what}");
         assert_eq!(resp.headers()["content-type"], "application/json", "{what}");
-        assert_eq!(error_code(&resp.text().await.unwrap()), code, "{what}");
+        let text = resp.text().await.unwrap();
+        assert_eq!(error_code(&text), code, "{what}");
+        // An error never quotes what was sent: it may be a value.
+        assert!(!text.contains("987654321"), "{what}: {text}");
     }
     let huge = format!(r#"{{"name":"ok","value":"{}"}}"#, "x".repeat(600 * 1024));
     let resp = post(huge).send().await.unwrap();
