@@ -122,3 +122,30 @@ async fn backup_refuses_postgres_and_missing_sources() {
     let out = keyward(&["migrate-store", "--from", "sqlite:///nonexistent.db", "--to", "sqlite:///tmp/kw-x.db"]);
     assert!(!out.status.success());
 }
+
+/// A database URL's password is never printed: initialising a database that
+/// is already initialised names the database without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_errors_never_show_the_database_password() {
+    let Some(schema) = keyward_store::testing::TestSchema::create().await else { return };
+    let mut url = reqwest::Url::parse(&schema.url).unwrap();
+    if url.username().is_empty() {
+        url.set_username("postgres").unwrap();
+    }
+    url.set_password(Some("pw-987654321")).unwrap();
+    let url = url.to_string();
+    // Trust authentication: the password is not checked, only carried.
+    let _first = Server::start_with(Backend::Postgres, Opts { database: Some(url.clone()), ..Opts::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["init", "--json", "--data-dir"])
+        .arg(dir.path().join("kw"))
+        .args(["--database", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a second init must be refused");
+    let all = [out.stdout, out.stderr].concat();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.contains("already initialised"), "{text}");
+    assert!(!text.contains("pw-987654321"), "{text}");
+}

@@ -134,7 +134,7 @@ pub async fn initialize(cfg: &ServeConfig, choice: SealChoice) -> Result<InitRep
         return Err(SetupError::Other(format!(
             "{} is already initialised (database {})",
             dir.root().display(),
-            cfg.database_url()
+            redact_url(&cfg.database_url())
         )));
     }
     let (seal, seal_name) = match choice {

@@ -153,7 +153,25 @@ impl SqliteStore {
     /// Writes a consistent snapshot while the server keeps serving.
     pub async fn backup_to(&self, file: &Path) -> StoreResult<()> {
         let target = file.to_str().ok_or_else(|| StoreError::Other("backup path is not UTF-8".into()))?;
-        sqlx::query("VACUUM INTO ?").bind(target).execute(&self.read).await.map_err(map_err)?;
+        // Created 0600 and empty before SQLite writes into it (it accepts an
+        // empty file): made by VACUUM INTO, it would be readable under the
+        // umask until the chmod below.
+        let created = {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(file) {
+                Ok(_) => true,
+                // SQLite refuses a file that is not empty; an empty one gets
+                // 0600 below.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(StoreError::Other(format!("creating {}: {e}", file.display()))),
+            }
+        };
+        if let Err(e) = sqlx::query("VACUUM INTO ?").bind(target).execute(&self.read).await {
+            if created {
+                let _ = std::fs::remove_file(file);
+            }
+            return Err(map_err(e));
+        }
         restrict_permissions(file);
         Ok(())
     }
