@@ -576,6 +576,29 @@ async fn silent_connections_are_closed() {
     assert!(started.elapsed() >= Duration::from_secs(5), "closed too early: {:?}", started.elapsed());
 }
 
+/// An agent that stops reading a streamed answer is cut off after the idle
+/// timeout (2 s here) and the outcome says so: it cannot pin a task and an
+/// upstream connection for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_stops_reading_is_cut_off() {
+    let t = setup().await;
+    let resp = t.s.http.get(t.url("openai", "/endless")).bearer_auth(&t.token).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Holds the response open without reading its body.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let reason = loop {
+        let out = t.s.cli(&["audit", "--secret", "openai", "--action", "secret.proxy.done", "--json"]);
+        let text = String::from_utf8(out.stdout).unwrap();
+        if let Some(done) = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).next() {
+            break done["reason"].as_str().unwrap().to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "the stalled stream was never cut off");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(reason.contains("agent_stalled"), "{reason}");
+    drop(resp);
+}
+
 /// An agent that goes away before the upstream answers still leaves the
 /// use's outcome in the trail: every allowed `secret.proxy` gets its
 /// `secret.proxy.done`.

@@ -386,6 +386,13 @@ async fn answer(State(st): State<MockState>, req: Request) -> Response {
             }
             r
         }
+        // Streams for ever, as fast as it is read.
+        "/endless" => Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from_stream(futures_util::stream::repeat_with(|| {
+                Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 16 * 1024]))
+            })))
+            .unwrap(),
         "/slow" => {
             tokio::time::sleep(Duration::from_secs(5)).await;
             json(serde_json::json!({"late": true}))

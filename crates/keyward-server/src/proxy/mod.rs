@@ -43,6 +43,9 @@ pub struct Upstreams {
     /// Bound origins, parsed: parsing a URL (IDNA included) on every
     /// request showed in profiles. Origins are metadata, never secret.
     origins: std::sync::Mutex<HashMap<String, reqwest::Url>>,
+    /// How long an upstream may send nothing, and an agent may take
+    /// nothing, before a streamed answer is cut off.
+    idle_timeout: Duration,
 }
 
 /// Parsed origins kept at most (a cache, emptied when full).
@@ -101,6 +104,7 @@ impl Upstreams {
             strict_h1: build(false, true)?,
             internal_h1: build(true, true)?,
             origins: std::sync::Mutex::new(HashMap::new()),
+            idle_timeout,
         })
     }
 
@@ -447,6 +451,7 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
     let mut redactor = redactor;
     let vault = s.vault.clone();
     let mut policy = s.vault.watch_policy();
+    let idle = s.upstreams.idle_timeout;
     tokio::spawn(async move {
         let mut sent = 0u64;
         let mut failure = None;
@@ -469,9 +474,22 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
                 Ok(c) => {
                     let clean = redactor.push(&c);
                     sent += clean.len() as u64;
-                    if !clean.is_empty() && tx.send(Ok(clean.into())).await.is_err() {
-                        failure = Some("client_gone");
-                        break;
+                    if clean.is_empty() {
+                        continue;
+                    }
+                    // An agent that takes nothing for the idle timeout is cut
+                    // off: a stalled reader must not pin this task and its
+                    // upstream connection for ever.
+                    match tokio::time::timeout(idle, tx.send(Ok(clean.into()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => {
+                            failure = Some("client_gone");
+                            break;
+                        }
+                        Err(_) => {
+                            failure = Some("agent_stalled");
+                            break;
+                        }
                     }
                 }
                 Err(e) => {
