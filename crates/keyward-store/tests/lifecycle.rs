@@ -513,6 +513,22 @@ async fn sessions_time_out(e: Env) {
     let q = keyward_core::store::AuditQuery { action: Some("auth.login".into()), limit: 1000, ..Default::default() };
     let failures = e.vault.store().query_audit(&q).await.unwrap();
     assert!(!failures.is_empty() && failures.len() < codes.len(), "audited up to the limit: {}", failures.len());
+
+    // A failed login names an existing account, never what was typed for an
+    // unknown one: that may be a password in the wrong field.
+    let elsewhere = RequestMeta { source_ip: Some("192.0.2.77".into()), ..RequestMeta::default() };
+    assert!(e.vault.login("hunter2-typed-as-name", pw(), &elsewhere).await.is_err());
+    assert!(e.vault.login("olivia", Zeroizing::new("wrong password!".into()), &elsewhere).await.is_err());
+    let q = keyward_core::store::AuditQuery {
+        action: Some("auth.login".into()),
+        source_ip: Some("192.0.2.77".into()),
+        limit: 10,
+        ..Default::default()
+    };
+    let mut reasons: Vec<String> =
+        e.vault.store().query_audit(&q).await.unwrap().into_iter().filter_map(|r| r.event.reason).collect();
+    reasons.sort();
+    assert_eq!(reasons, ["bad_credentials user=(unknown)", "bad_credentials user=olivia"]);
 }
 
 #[tokio::test]

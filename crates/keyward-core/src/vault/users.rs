@@ -154,11 +154,14 @@ impl Vault {
             "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into()
         });
         let ok = tokio::task::spawn_blocking(move || verify_password(&stored, &password)).await.unwrap_or(false);
+        // Only an existing account's name goes to the trail: what was typed
+        // for an unknown one may be a password (or a key) in the wrong field.
+        let who = user.as_ref().map_or_else(|| "(unknown)".to_owned(), |u| clean_free_text(&u.name));
         let Some(user) = user.filter(|_| ok) else {
             self.audit_failure(AuditDraft {
                 actor: Actor::anonymous(),
                 action: "auth.login".into(),
-                reason: Some(format!("bad_credentials user={}", clean_free_text(name))),
+                reason: Some(format!("bad_credentials user={who}")),
                 ..draft_base(self.now(), Outcome::Denied, meta)
             })
             .await?;
