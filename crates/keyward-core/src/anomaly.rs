@@ -145,7 +145,16 @@ struct AgentState {
     /// Rule → last time it fired, so a condition that lasts alerts once
     /// per cool-down rather than on every event.
     fired: HashMap<&'static str, OffsetDateTime>,
+    /// When the last `new_source_ip` alerts fired: at most
+    /// [`NEW_IP_ALERTS`] per cool-down, so an agent rotating addresses
+    /// cannot flood the alerts, the trail and the webhooks.
+    new_ip_alerts: VecDeque<OffsetDateTime>,
 }
+
+/// Addresses remembered per agent; past it new ones still alert (within
+/// [`NEW_IP_ALERTS`]) but are not kept, so memory stays bounded.
+const MAX_IPS: usize = 4096;
+const NEW_IP_ALERTS: usize = 5;
 
 /// A rule that fired: (rule, detail).
 pub type Finding = (&'static str, String);
@@ -212,10 +221,16 @@ impl Detector {
             if let Some(ip) = e.source_ip.as_deref()
                 && !st.ips.contains(ip)
             {
-                if !st.ips.is_empty() && p.new_source_ip == Some(true) {
+                while st.new_ip_alerts.front().is_some_and(|t| now - *t >= COOLDOWN) {
+                    st.new_ip_alerts.pop_front();
+                }
+                if !st.ips.is_empty() && p.new_source_ip == Some(true) && st.new_ip_alerts.len() < NEW_IP_ALERTS {
+                    st.new_ip_alerts.push_back(now);
                     found.push(("new_source_ip", format!("first use from {ip}")));
                 }
-                st.ips.insert(ip.to_owned());
+                if st.ips.len() < MAX_IPS {
+                    st.ips.insert(ip.to_owned());
+                }
             }
             if let Some(secret) = e.secret_id.as_deref()
                 && !st.secrets.contains(secret)
@@ -342,6 +357,29 @@ mod tests {
         );
         let off = AnomalyPolicy { first_use: Some(false), ..AnomalyPolicy::default() };
         assert!(d.observe(&use_at(t, "10.0.0.1", "sec_c", Outcome::Allowed, None), &off).is_empty());
+    }
+
+    /// An agent rotating through addresses raises a few `new_source_ip`
+    /// alerts per cool-down, not one per address, and the detector keeps a
+    /// bounded number of addresses.
+    #[test]
+    fn rotating_addresses_cannot_flood_alerts_or_memory() {
+        let mut d = Detector::default();
+        let p = AnomalyPolicy::default();
+        let t0 = OffsetDateTime::now_utc();
+        d.observe(&use_at(t0, "10.0.0.1", "sec_a", Outcome::Allowed, None), &p);
+        let mut alerts = 0;
+        for i in 0..(MAX_IPS as u32 + 500) {
+            let ip = std::net::Ipv4Addr::from(0x0a01_0000 + i).to_string();
+            let t = t0 + time::Duration::milliseconds(i64::from(i));
+            alerts += d.observe(&use_at(t, &ip, "sec_a", Outcome::Allowed, None), &p).len();
+        }
+        assert_eq!(alerts, NEW_IP_ALERTS, "within one cool-down");
+        assert_eq!(d.agents["agt_1"].ips.len(), MAX_IPS);
+        // After the cool-down, a new address alerts again.
+        let later = t0 + COOLDOWN + time::Duration::minutes(1);
+        let f = d.observe(&use_at(later, "192.0.2.1", "sec_a", Outcome::Allowed, None), &p);
+        assert_eq!(f.iter().map(|f| f.0).collect::<Vec<_>>(), vec!["new_source_ip"]);
     }
 
     #[test]
