@@ -88,6 +88,42 @@ impl Setup {
         (tls, addr)
     }
 
+    /// A WebSocket through keyward to the mock's echo server, bound to a
+    /// `realtime` secret.
+    async fn realtime(
+        &self,
+    ) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let origin = format!("https://mock.test:{}", self.mock.ws_port);
+        self.s.put_secret(
+            None,
+            "realtime",
+            KEY,
+            &["--provider", "openai", "--upstream", &origin, "--allow-internal-upstream"],
+        );
+        self.s.grant(None, "bot", "realtime", "proxy", &[]);
+        let (tls, addr) = self.tls_http1().await;
+        let mut req = format!("wss://{addr}/proxy/realtime/v1/realtime?model=gpt-x").into_client_request().unwrap();
+        req.headers_mut().insert("authorization", format!("Bearer {}", self.token).parse().unwrap());
+        let (ws, resp) = tokio_tungstenite::client_async(req, tls).await.expect("handshake through keyward");
+        assert_eq!(resp.status(), 101);
+        ws
+    }
+
+    /// The reason of the secret's first `secret.proxy.done` event, waited for.
+    async fn done_reason(&self, secret: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.s.cli(&["audit", "--secret", secret, "--action", "secret.proxy.done", "--json"]);
+            let text = String::from_utf8(out.stdout).unwrap();
+            if let Some(done) = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).next() {
+                return done["reason"].as_str().unwrap().to_owned();
+            }
+            assert!(std::time::Instant::now() < deadline, "no outcome event for {secret}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// The mock saw the real key and never the agent token.
     fn assert_upstream_clean(&self) {
         for r in self.mock.requests() {
@@ -516,23 +552,9 @@ async fn agent_env_prints_what_an_agent_needs() {
 async fn websocket_handshake_carries_the_real_key_and_frames_flow_both_ways() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
     let t = setup().await;
-    let origin = format!("https://mock.test:{}", t.mock.ws_port);
-    t.s.put_secret(
-        None,
-        "realtime",
-        KEY,
-        &["--provider", "openai", "--upstream", &origin, "--allow-internal-upstream"],
-    );
-    t.s.grant(None, "bot", "realtime", "proxy", &[]);
-
-    let (tls, addr) = t.tls_http1().await;
-    let mut req = format!("wss://{addr}/proxy/realtime/v1/realtime?model=gpt-x").into_client_request().unwrap();
-    req.headers_mut().insert("authorization", format!("Bearer {}", t.token).parse().unwrap());
-    let (mut ws, resp) = tokio_tungstenite::client_async(req, tls).await.expect("handshake through keyward");
-    assert_eq!(resp.status(), 101);
+    let mut ws = t.realtime().await;
 
     ws.send(Message::text("hello")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
@@ -548,16 +570,7 @@ async fn websocket_handshake_carries_the_real_key_and_frames_flow_both_ways() {
     assert_eq!(t.mock.ws_auth.lock().unwrap().clone(), vec![format!("Bearer {KEY}")]);
     // The tunnel's outcome counts what reached the agent, whichever side
     // ended it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let reason = loop {
-        let out = t.s.cli(&["audit", "--secret", "realtime", "--action", "secret.proxy.done", "--json"]);
-        let text = String::from_utf8(out.stdout).unwrap();
-        if let Some(done) = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).next() {
-            break done["reason"].as_str().unwrap().to_owned();
-        }
-        assert!(std::time::Instant::now() < deadline, "no outcome event for the tunnel");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let reason = t.done_reason("realtime").await;
     let bytes: u64 = reason.split(", ").find_map(|p| p.strip_suffix(" bytes")?.parse().ok()).expect(&reason);
     assert!(reason.contains("status 101") && bytes >= 5, "{reason}");
 }
@@ -585,16 +598,7 @@ async fn an_agent_that_stops_reading_is_cut_off() {
     let resp = t.s.http.get(t.url("openai", "/endless")).bearer_auth(&t.token).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     // Holds the response open without reading its body.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let reason = loop {
-        let out = t.s.cli(&["audit", "--secret", "openai", "--action", "secret.proxy.done", "--json"]);
-        let text = String::from_utf8(out.stdout).unwrap();
-        if let Some(done) = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).next() {
-            break done["reason"].as_str().unwrap().to_owned();
-        }
-        assert!(std::time::Instant::now() < deadline, "the stalled stream was never cut off");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let reason = t.done_reason("openai").await;
     assert!(reason.contains("agent_stalled"), "{reason}");
     drop(resp);
 }
@@ -608,19 +612,8 @@ async fn an_agent_that_hangs_up_early_still_gets_its_outcome_audited() {
     let gone =
         t.s.http.get(t.url("openai", "/slow")).bearer_auth(&t.token).timeout(Duration::from_millis(500)).send().await;
     assert!(gone.is_err_and(|e| e.is_timeout()), "the agent gave up first");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = t.s.cli(&["audit", "--secret", "openai", "--action", "secret.proxy.done", "--json"]);
-        let text = String::from_utf8(out.stdout).unwrap();
-        if let Some(done) = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).next() {
-            let reason = done["reason"].as_str().unwrap().to_owned();
-            assert!(reason.contains("status 499") && reason.contains("client_gone"), "{reason}");
-            assert_eq!(done["outcome"], "error");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no outcome event for the abandoned call");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let reason = t.done_reason("openai").await;
+    assert!(reason.contains("status 499") && reason.contains("client_gone"), "{reason}");
 }
 
 /// An echo of the key cannot come back in pieces or packed: a range request
@@ -669,6 +662,24 @@ async fn echoes_cannot_come_back_in_pieces_or_packed() {
     assert!(answer.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&answer));
     assert_eq!(t.mock.requests().len(), before, "the handshake reached the upstream");
     t.assert_upstream_clean();
+}
+
+/// A tunnel where nothing moves either way for the idle timeout (2 s here)
+/// is closed, and its outcome says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_tunnel_is_closed() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let t = setup().await;
+    let mut ws = t.realtime().await;
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+    let started = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(15), ws.next()).await.expect("closed in time");
+    assert!(!matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))), "{end:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "closed too early");
+    let reason = t.done_reason("realtime").await;
+    assert!(reason.contains("websocket_idle"), "{reason}");
 }
 
 /// Webhooks: signed, without values, and a receiver that is down delays

@@ -411,7 +411,7 @@ async fn forward(s: AppState, mut meta: RequestMeta, req: Request) -> Result<Res
         return Err(err);
     }
     if let (Some(agent_side), StatusCode::SWITCHING_PROTOCOLS) = (websocket, status) {
-        return websocket_tunnel(resp, agent_side, redactor, outcome).await;
+        return websocket_tunnel(resp, agent_side, redactor, outcome, s.upstreams.idle_timeout).await;
     }
     let mut out_headers = HeaderMap::new();
     let hop = hop_by_hop(resp.headers());
@@ -598,6 +598,7 @@ async fn websocket_tunnel(
     agent_side: hyper::upgrade::OnUpgrade,
     redactor: redact::Redactor,
     outcome: Outcome,
+    idle: Duration,
 ) -> Result<Response, ApiError> {
     let mut out = Response::new(Body::empty());
     *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -620,13 +621,41 @@ async fn websocket_tunnel(
             Ok(a) => hyper_util::rt::TokioIo::new(a),
             Err(_) => return outcome.record(101, 0, Some("agent_upgrade_failed")),
         };
-        let (agent_read, mut agent_write) = tokio::io::split(agent);
-        let (mut upstream_read, upstream_write) = tokio::io::split(upstream);
-        let mut agent_read = agent_read;
-        let mut upstream_write = upstream_write;
-        let up = async { tokio::io::copy(&mut agent_read, &mut upstream_write).await };
+        let (mut agent_read, mut agent_write) = tokio::io::split(agent);
+        let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+        let from_agent = std::sync::atomic::AtomicU64::new(0);
+        let up = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = agent_read.read(&mut buf).await?;
+                if n == 0 {
+                    return upstream_write.shutdown().await;
+                }
+                upstream_write.write_all(&buf[..n]).await?;
+                from_agent.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
         let counted = std::sync::atomic::AtomicU64::new(0);
         let down = websocket::copy_redacted(&mut upstream_read, &mut agent_write, redactor, &counted);
+        // Nothing either way (not even a ping and its pong) for the idle
+        // timeout ends the tunnel: an abandoned one held its task and both
+        // sockets for ever.
+        let quiet = async {
+            let moved = || {
+                from_agent.load(std::sync::atomic::Ordering::Relaxed)
+                    + counted.load(std::sync::atomic::Ordering::Relaxed)
+            };
+            let mut last = moved();
+            loop {
+                tokio::time::sleep(idle).await;
+                let now = moved();
+                if now == last {
+                    return;
+                }
+                last = now;
+            }
+        };
         let vault = outcome.vault.clone();
         let record = outcome.record.clone();
         let mut policy = vault.watch_policy();
@@ -642,6 +671,7 @@ async fn websocket_tunnel(
             r = down => r.err().map(|_| "websocket_error"),
             _ = up => None,
             _ = killed => Some("killed_by_policy_change"),
+            _ = quiet => Some("websocket_idle"),
         };
         outcome.record(101, counted.into_inner(), failure);
     });
