@@ -51,7 +51,7 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
             BytesRejection(_) => {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "request body is too large")
             }
-            other => Self::bad_request("invalid_json", other.body_text()),
+            other => Self::bad_request("invalid_json", without_quoted_input(&other.body_text())),
         }
     }
 }
@@ -60,7 +60,7 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
 /// offending input in backticks (`` integer `12345678` ``) or double quotes
 /// (`string "sk-…"`), and that input can be a value sent as the wrong type
 /// or in the wrong field. The field path and what was expected stay.
-fn without_quoted_input(message: &str) -> String {
+pub(crate) fn without_quoted_input(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut open: Option<char> = None;
     for c in message.chars() {
