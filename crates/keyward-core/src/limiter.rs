@@ -81,6 +81,20 @@ fn source_key(source: Option<&str>) -> String {
 }
 
 impl FailureLimiter {
+    /// Whether a failure from `source` would be refused now (its address or
+    /// all sources over the limit). A guess is checked against it before it
+    /// is tried: past the limit even the right password gets 429 and so
+    /// teaches nothing.
+    pub(crate) fn over_limit(&self, source: Option<&str>) -> bool {
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let left = |b: &Bucket, burst: f64, per_second: f64| {
+            (b.tokens + now.duration_since(b.at).as_secs_f64() * per_second).min(burst)
+        };
+        guard.sources.get(&source_key(source)).is_some_and(|b| left(b, BURST, PER_SECOND) < 1.0)
+            || left(&guard.global, GLOBAL_BURST, GLOBAL_PER_SECOND) < 1.0
+    }
+
     pub(crate) fn failure(&self, source: Option<&str>) -> Verdict {
         let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let Buckets { sources, global } = &mut *guard;
@@ -112,6 +126,18 @@ mod tests {
         assert!(matches!(l.failure(Some("10.0.0.1")), Verdict::Limited { first: true }));
         assert!(matches!(l.failure(Some("10.0.0.1")), Verdict::Limited { first: false }));
         assert!(matches!(l.failure(Some("10.0.0.2")), Verdict::Allow));
+    }
+
+    #[test]
+    fn over_limit_looks_without_taking() {
+        let l = FailureLimiter::default();
+        assert!(!l.over_limit(Some("10.0.0.9")));
+        for _ in 0..30 {
+            assert!(!l.over_limit(Some("10.0.0.9")), "looking takes nothing");
+            assert!(matches!(l.failure(Some("10.0.0.9")), Verdict::Allow));
+        }
+        assert!(l.over_limit(Some("10.0.0.9")));
+        assert!(!l.over_limit(Some("10.0.0.10")));
     }
 
     #[test]

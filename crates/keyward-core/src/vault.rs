@@ -31,6 +31,8 @@ pub use users::{Login, SESSION_IDLE, SESSION_MAX, SessionInfo};
 /// Largest value keyward stores.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 const META_SEAL: &str = "seal";
+/// Password hashes checked or made at once (see `Vault::password_work`).
+const PASSWORD_WORK: usize = 2;
 const META_INITIALIZED: &str = "initialized_at";
 pub const DEFAULT_ORG: &str = "default";
 pub const DEFAULT_EXPIRING_WINDOW: time::Duration = time::Duration::days(14);
@@ -246,6 +248,9 @@ pub struct Vault {
     /// that open proxy streams re-check whether they may go on.
     policy_epoch: tokio::sync::watch::Sender<u64>,
     failures: crate::limiter::FailureLimiter,
+    /// Argon2id runs at once (19 MiB and a core each): more login attempts
+    /// wait their turn instead of exhausting memory and the blocking pool.
+    password_work: tokio::sync::Semaphore,
     notifier: std::sync::OnceLock<Arc<dyn crate::notify::Notifier>>,
     /// (subject, event) → day last sent, so daily reminders go once a day.
     reminded: std::sync::Mutex<std::collections::HashMap<(String, &'static str), i64>>,
@@ -368,6 +373,7 @@ impl Vault {
             uses: Default::default(),
             policy_epoch: tokio::sync::watch::Sender::new(0),
             failures: Default::default(),
+            password_work: tokio::sync::Semaphore::new(PASSWORD_WORK),
             notifier: std::sync::OnceLock::new(),
             reminded: Default::default(),
             rotation: RotationState::default(),
@@ -586,6 +592,10 @@ impl Vault {
         let _one_at_a_time = self.unseal_lock.lock().await;
         if !self.is_sealed() {
             return Ok(false);
+        }
+        // Past the failure limit no guess is tried, the right one included.
+        if self.failures.over_limit(meta.source_ip.as_deref()) {
+            return Err(CoreError::RateLimited);
         }
         let cfg = self.seal.clone();
         let pass = Zeroizing::new(passphrase.to_owned());

@@ -510,6 +510,10 @@ async fn sessions_time_out(e: Env) {
     }
     assert_eq!(codes[0], "bad_credentials");
     assert_eq!(*codes.last().unwrap(), "rate_limited", "limited within 300 attempts");
+    // Past the limit no guess is tried: the right password is refused too,
+    // so guessing on teaches nothing.
+    let right = e.vault.login("olivia", pw(), &m).await;
+    assert_eq!(right.err().map(|e| e.code()), Some("rate_limited"));
     let q = keyward_core::store::AuditQuery { action: Some("auth.login".into()), limit: 1000, ..Default::default() };
     let failures = e.vault.store().query_audit(&q).await.unwrap();
     assert!(!failures.is_empty() && failures.len() < codes.len(), "audited up to the limit: {}", failures.len());

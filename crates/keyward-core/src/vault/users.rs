@@ -99,6 +99,7 @@ impl Vault {
         role: Role,
         password: Zeroizing<String>,
     ) -> Result<User, CoreError> {
+        let _slot = self.password_work.acquire().await.map_err(|_| CoreError::Sealed)?;
         let password_hash = tokio::task::spawn_blocking(move || hash_password(&password))
             .await
             .map_err(|e| CoreError::invalid("password", e.to_string()))??;
@@ -148,12 +149,19 @@ impl Vault {
     /// per source address (429 past the limit).
     pub async fn login(&self, name: &str, password: Zeroizing<String>, meta: &RequestMeta) -> Result<Login, CoreError> {
         self.ensure_unsealed()?;
+        // Past the failure limit no guess is tried, the right one included.
+        if self.failures.over_limit(meta.source_ip.as_deref()) {
+            return Err(CoreError::RateLimited);
+        }
         let user = self.store.user_by_name(name).await?;
         // The same Argon2id work whether or not the account exists.
         let stored = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| {
             "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into()
         });
-        let ok = tokio::task::spawn_blocking(move || verify_password(&stored, &password)).await.unwrap_or(false);
+        let ok = {
+            let _slot = self.password_work.acquire().await.map_err(|_| CoreError::Sealed)?;
+            tokio::task::spawn_blocking(move || verify_password(&stored, &password)).await.unwrap_or(false)
+        };
         // Only an existing account's name goes to the trail: what was typed
         // for an unknown one may be a password (or a key) in the wrong field.
         let who = user.as_ref().map_or_else(|| "(unknown)".to_owned(), |u| clean_free_text(&u.name));
