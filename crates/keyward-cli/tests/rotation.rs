@@ -14,7 +14,8 @@ use support::mock::Mock;
 use support::*;
 
 /// `HOOK MODE STEP` (keyward appends STEP). MODE: good (the provider issues
-/// a key), failing (exits 3), bogus (prints a key the provider never issued).
+/// a key), slow (the same after 3 s), failing (exits 3), bogus (prints a key
+/// the provider never issued).
 const HOOK: &str = r#"#!/bin/sh
 set -eu
 mode=$1
@@ -24,6 +25,7 @@ case "$step" in
 issue)
   case "$mode" in
   good) curl -sS -f --cacert "$MOCK_CA" --resolve "$MOCK_PIN" -X POST "$MOCK_URL/admin/keys" ;;
+  slow) sleep 3; curl -sS -f --cacert "$MOCK_CA" --resolve "$MOCK_PIN" -X POST "$MOCK_URL/admin/keys" ;;
   failing) echo "provider said no" >&2; exit 3 ;;
   bogus) printf 'sk-never-issued-by-the-provider\n' ;;
   esac ;;
@@ -55,7 +57,7 @@ async fn setup(b: Backend) -> Setup {
         mock.ca.display()
     );
     let mut config = String::from("notify_interval_secs = 3600\n");
-    for mode in ["good", "failing", "bogus"] {
+    for mode in ["good", "slow", "failing", "bogus"] {
         config.push_str(&format!(
             "[[rotation_hooks]]\nname = \"{mode}\"\ncommand = [\"{}\", \"{mode}\"]\ntimeout_secs = 20\n{env}\n",
             hook.display()
@@ -205,4 +207,32 @@ async fn sqlite_automated_rotation_against_a_mock_provider() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_automated_rotation_against_a_mock_provider() {
     tokio::time::timeout(Duration::from_secs(120), automated_rotation(Backend::Postgres)).await.unwrap();
+}
+
+/// A rotation whose caller goes away while the hook runs (a client timeout
+/// here; the API's own request timeout alike) still finishes: the new key is
+/// current and the old one revoked at the provider, nothing half-done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_finishes_when_its_caller_goes_away() {
+    let t = setup(Backend::Sqlite).await;
+    t.set_hook("slow");
+    let gone =
+        t.s.http
+            .post(t.s.url("/v1/orgs/default/secrets/openai/rotate"))
+            .bearer_auth(&t.s.admin_token)
+            .json(&serde_json::json!({"auto": true}))
+            .timeout(Duration::from_millis(800))
+            .send()
+            .await;
+    assert!(gone.is_err_and(|e| e.is_timeout()), "the caller gave up while the hook ran");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // Done: version 2 current, and the old key revoked at the provider.
+    while t.versions() != vec![(1, "revoked".to_owned()), (2, "current".to_owned())]
+        || t.mock.live_keys().contains(&t.first_key)
+    {
+        let state = (t.versions(), t.mock.live_keys());
+        assert!(std::time::Instant::now() < deadline, "the rotation never finished: {state:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(t.mock.live_keys().len(), 1, "one live key, the new one");
 }

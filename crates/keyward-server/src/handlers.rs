@@ -329,7 +329,14 @@ pub async fn rotate_secret(
                 CoreError::invalid("auto", "takes no value, grace or expires: the hook issues the value").into()
             );
         }
-        return ok(s.vault.auto_rotate(&p, &org, &secret, &meta).await?);
+        // On a task of its own: a rotation dropped half-way (the caller hung
+        // up, or the API's request timeout fired while a hook ran) could
+        // leave a new key issued or the old one unrevoked at the provider.
+        // It finishes, audited, whether or not anyone waits for the answer.
+        let vault = s.vault.clone();
+        let rotation = tokio::spawn(async move { vault.auto_rotate(&p, &org, &secret, &meta).await });
+        let rotated = rotation.await.map_err(|e| CoreError::invalid("auto", format!("the rotation stopped: {e}")))?;
+        return ok(rotated?);
     }
     let value = req.value.ok_or_else(|| CoreError::invalid("value", "missing (or set `auto`)"))?.into_value()?;
     let grace = req.grace.as_deref().map(parse_duration).transpose().map_err(|m| CoreError::invalid("grace", m))?;
