@@ -153,6 +153,10 @@ async fn dashboard(b: Backend) {
     let (_, filtered) = admin.get("/ui/audit?agent=&secret=formed&action=secret.rotate&outcome=allowed").await;
     assert!(filtered.contains("secret.rotate") && filtered.contains("user:adam"), "audited with the human as actor");
     assert!(filtered.contains("Chain verified"));
+    // The export link keeps the filters (escaped once, as HTML wants).
+    let export = "/ui/audit/export.jsonl?agent=&#38;secret=formed&#38;action=secret.rotate&#38;outcome=allowed";
+    let link = filtered.lines().find(|l| l.contains("export.jsonl")).unwrap_or_default().to_owned();
+    assert!(filtered.contains(export), "the export link lost the filters: {link}");
 
     // The auditor sees everything and can change nothing.
     let mut auditor = Browser::new(&s);

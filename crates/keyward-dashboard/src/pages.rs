@@ -513,8 +513,10 @@ pub async fn audit(State(v): State<Arc<Vault>>, h: Human, Query(f): Query<AuditF
             report.problem.clone().unwrap_or_default()
         )
     };
+    // Plain `&`: the template escapes it (escaping it here too broke the
+    // Export and Older links, which then lost every filter).
     let query = format!(
-        "agent={}&amp;secret={}&amp;action={}&amp;outcome={}",
+        "agent={}&secret={}&action={}&outcome={}",
         encode(&f.agent),
         encode(&f.secret),
         encode(&f.action),
