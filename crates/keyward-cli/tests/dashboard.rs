@@ -207,10 +207,20 @@ async fn dashboard(b: Backend) {
     }
 
     // Logging out ends the session.
+    let (_, page) = auditor.get("/ui/").await;
+    let csrf = Browser::csrf(&page);
+    assert_eq!(auditor.post("/ui/logout", &[("csrf", &csrf)]).await.0, 303);
+    assert_eq!(auditor.get("/ui/").await.0, 303);
+    // Even when the audit trail refuses the logout event.
     let (_, page) = admin.get("/ui/").await;
     let csrf = Browser::csrf(&page);
-    assert_eq!(admin.post("/ui/logout", &[("csrf", &csrf)]).await.0, 303);
-    assert_eq!(admin.get("/ui/").await.0, 303);
+    let db = s.db().await;
+    db.inject_audit_fault().await;
+    let refused = admin.post("/ui/logout", &[("csrf", &csrf)]).await.0;
+    db.clear_audit_fault().await;
+    db.close().await;
+    assert_eq!(refused, 503, "the failed audit write is reported");
+    assert_eq!(admin.get("/ui/").await.0, 303, "the session ended all the same");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -219,7 +219,11 @@ impl Vault {
 
     pub async fn logout(&self, cookie: &str, meta: &RequestMeta) -> Result<(), CoreError> {
         let hash = token::hash_token(cookie);
-        if let Some(s) = self.store.session_by_hash(&hash).await?
+        let session = self.store.session_by_hash(&hash).await?;
+        // Ended first: a logout ends the session even when the audit trail
+        // refuses the event (the error is still reported).
+        self.store.delete_session(&hash).await?;
+        if let Some(s) = session
             && let Some(user) = self.store.user_by_id(&s.user_id).await?
         {
             self.audit_now(AuditDraft {
@@ -230,7 +234,6 @@ impl Vault {
             })
             .await?;
         }
-        self.store.delete_session(&hash).await?;
         Ok(())
     }
 
