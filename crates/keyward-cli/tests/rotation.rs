@@ -236,3 +236,26 @@ async fn a_rotation_finishes_when_its_caller_goes_away() {
     }
     assert_eq!(t.mock.live_keys().len(), 1, "one live key, the new one");
 }
+
+/// A rotation by hand while an automated one runs is refused: both would
+/// number and promote versions from the same current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_by_hand_waits_for_the_automated_one() {
+    let t = setup(Backend::Sqlite).await;
+    t.set_hook("slow");
+    let (http, url, admin) =
+        (t.s.http.clone(), t.s.url("/v1/orgs/default/secrets/openai/rotate"), t.s.admin_token.clone());
+    let auto = tokio::spawn(async move {
+        http.post(url).bearer_auth(admin).json(&serde_json::json!({"auto": true})).send().await.unwrap().status()
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await; // the hook sleeps 3 s
+    let out = t.s.cli_stdin(&["secret", "rotate", "openai"], b"sk-typed-by-hand-0123456789");
+    assert!(!out.status.success(), "a rotation by hand during an automated one");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(auto.await.unwrap(), 200);
+    assert_eq!(t.versions(), vec![(1, "revoked".to_owned()), (2, "current".to_owned())]);
+}

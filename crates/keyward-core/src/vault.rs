@@ -1262,6 +1262,9 @@ impl Vault {
         }
         let org_rec = self.org_for(p, org).await?;
         let secret = self.find_secret_in(&org_rec, reference).await?;
+        // Not while an automated rotation of it runs: both would number and
+        // promote versions from the same current one.
+        let _claim = self.claim_rotation(&secret.id)?;
         let next = self.store.list_versions(&secret.id).await?.iter().map(|v| v.version).max().unwrap_or(0) + 1;
         let draft = AuditDraft {
             secret_id: Some(secret.id.clone()),

@@ -24,7 +24,7 @@ pub struct AutoRotated {
 }
 
 /// Marks a secret as being rotated by this process; released on drop.
-struct RotationClaim<'a> {
+pub(super) struct RotationClaim<'a> {
     set: &'a std::sync::Mutex<HashSet<String>>,
     id: String,
 }
@@ -140,12 +140,12 @@ impl Vault {
         Ok(attempts)
     }
 
-    fn claim_rotation(&self, secret_id: &str) -> Result<RotationClaim<'_>, CoreError> {
+    /// One rotation of a secret at a time in this process, automated or by
+    /// hand (across replicas, run automated rotation on one only).
+    pub(super) fn claim_rotation(&self, secret_id: &str) -> Result<RotationClaim<'_>, CoreError> {
         let mut busy = self.rotation.running.lock().unwrap_or_else(|e| e.into_inner());
         if !busy.insert(secret_id.to_owned()) {
-            return Err(CoreError::Conflict {
-                message: "an automated rotation of this secret is already running".into(),
-            });
+            return Err(CoreError::Conflict { message: "a rotation of this secret is already running".into() });
         }
         Ok(RotationClaim { set: &self.rotation.running, id: secret_id.to_owned() })
     }
