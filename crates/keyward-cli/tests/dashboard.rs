@@ -153,6 +153,7 @@ async fn dashboard(b: Backend) {
     let (_, filtered) = admin.get("/ui/audit?agent=&secret=formed&action=secret.rotate&outcome=allowed").await;
     assert!(filtered.contains("secret.rotate") && filtered.contains("user:adam"), "audited with the human as actor");
     assert!(filtered.contains("Chain verified"));
+    assert!(!filtered.contains("checkpoints hold"), "instance-wide counts are the operator's");
     // The export link keeps the filters (escaped once, as HTML wants).
     let export = "/ui/audit/export.jsonl?agent=&#38;secret=formed&#38;action=secret.rotate&#38;outcome=allowed";
     let link = filtered.lines().find(|l| l.contains("export.jsonl")).unwrap_or_default().to_owned();

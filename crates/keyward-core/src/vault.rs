@@ -238,6 +238,10 @@ pub struct Vault {
     seal: SealConfig,
     master: RwLock<Option<Arc<KeyMaterial>>>,
     unseal_lock: Mutex<()>,
+    /// The last walk of the audit chain for the dashboard, and when
+    /// (`Vault::verify_audit_recent`); one walk at a time.
+    recent_verify: std::sync::Mutex<Option<(std::time::Instant, crate::audit::VerifyReport)>>,
+    verify_walk: Mutex<()>,
     cache: Cache,
     audit: AuditWriter,
     /// Seconds before expiry at which a secret counts as `expiring`.
@@ -368,6 +372,8 @@ impl Vault {
             seal,
             master: RwLock::new(None),
             unseal_lock: Mutex::new(()),
+            recent_verify: std::sync::Mutex::new(None),
+            verify_walk: Mutex::new(()),
             cache: Cache::new(),
             expiring_window_secs: std::sync::atomic::AtomicI64::new(DEFAULT_EXPIRING_WINDOW.whole_seconds()),
             uses: Default::default(),

@@ -544,3 +544,21 @@ async fn sqlite_sessions_time_out() {
 async fn postgres_sessions_time_out() {
     sessions_time_out(postgres().await).await;
 }
+
+/// The dashboard's chain check is walked at most once per `max_age`: views
+/// within it reuse the last walk, later ones walk again.
+async fn recent_verification_is_reused(e: Env) {
+    use std::time::Duration as StdDuration;
+    let first = e.vault.verify_audit_recent(&e.admin, "default", StdDuration::from_secs(60)).await.unwrap();
+    assert!(first.ok);
+    e.put("another", "value-another-1111", None, None).await;
+    let again = e.vault.verify_audit_recent(&e.admin, "default", StdDuration::from_secs(60)).await.unwrap();
+    assert_eq!(again.events, first.events, "within the minute: the last walk");
+    let fresh = e.vault.verify_audit_recent(&e.admin, "default", StdDuration::ZERO).await.unwrap();
+    assert!(fresh.ok && fresh.events > first.events, "past it: a new walk sees the new events");
+}
+
+#[tokio::test]
+async fn sqlite_recent_verification_is_reused() {
+    recent_verification_is_reused(sqlite().await).await;
+}

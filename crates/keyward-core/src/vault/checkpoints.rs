@@ -115,6 +115,35 @@ impl Vault {
         self.walk_chain().await
     }
 
+    /// [`verify_audit`](Self::verify_audit) as of at most `max_age` ago: a
+    /// page that shows it on every view must not walk the whole trail (every
+    /// organization's) on every view; one walk at a time.
+    pub async fn verify_audit_recent(
+        &self,
+        p: &Principal,
+        org: &str,
+        max_age: std::time::Duration,
+    ) -> Result<VerifyReport, CoreError> {
+        self.ensure_unsealed()?;
+        self.org_for(p, org).await?;
+        let fresh = || {
+            let last = self.recent_verify.lock().unwrap_or_else(|e| e.into_inner());
+            last.as_ref().filter(|(at, _)| at.elapsed() < max_age).map(|(_, r)| r.clone())
+        };
+        if let Some(r) = fresh() {
+            return Ok(r);
+        }
+        let _one_walk = self.verify_walk.lock().await;
+        if let Some(r) = fresh() {
+            return Ok(r); // walked while this one waited
+        }
+        self.audit.flush().await;
+        let report = self.walk_chain().await?;
+        *self.recent_verify.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), report.clone()));
+        Ok(report)
+    }
+
     async fn walk_chain(&self) -> Result<VerifyReport, CoreError> {
         let key = self.signer().await?.public_key();
         let mut v = ChainVerifier::with_checkpoints(key, self.store.list_checkpoints().await?);
