@@ -126,11 +126,9 @@ impl Upstreams {
     }
 
     /// `origin` + `path` + `query` as a URL, the origin parsed once.
+    #[cfg(test)]
     fn url(&self, origin: &str, path: &str, query: &[String]) -> Result<reqwest::Url, ApiError> {
-        let mut url = self.parsed_origin(origin)?;
-        url.set_path(path);
-        url.set_query((!query.is_empty()).then(|| query.join("&")).as_deref());
-        Ok(url)
+        Ok(join(self.parsed_origin(origin)?, path, query))
     }
 
     /// The secret's bound origin, if the network policy lets a key go there.
@@ -138,15 +136,15 @@ impl Upstreams {
     /// it: that parser takes `0x` or `10.0.0x` for IPv4 addresses, so an
     /// origin stored by an older, laxer validation cannot slip past as a
     /// "name". Names are checked when they resolve.
-    fn checked_origin(&self, secret: &keyward_core::model::Secret) -> Result<String, ApiError> {
-        let origin = secret.upstream.clone().ok_or_else(|| {
+    fn checked_origin(&self, secret: &keyward_core::model::Secret) -> Result<reqwest::Url, ApiError> {
+        let origin = secret.upstream.as_deref().ok_or_else(|| {
             ApiError::new(
                 StatusCode::FORBIDDEN,
                 "no_upstream",
                 "this secret is bound to no upstream (secret put --upstream)",
             )
         })?;
-        let parsed = self.parsed_origin(&origin)?;
+        let parsed = self.parsed_origin(origin)?;
         let literal = literal_host(&parsed);
         if let Some(ip) = literal {
             guard::check(ip, secret.allow_internal).map_err(|e| {
@@ -169,8 +167,15 @@ impl Upstreams {
                 ));
             }
         }
-        Ok(origin)
+        Ok(parsed)
     }
+}
+
+/// The origin with a request's path and query.
+fn join(mut origin: reqwest::Url, path: &str, query: &[String]) -> reqwest::Url {
+    origin.set_path(path);
+    origin.set_query((!query.is_empty()).then(|| query.join("&")).as_deref());
+    origin
 }
 
 /// The address a parsed URL's host is, if it is one (not a name).
@@ -192,7 +197,8 @@ impl Upstreams {
         path: &str,
         value: &str,
     ) -> Result<StatusCode, String> {
-        let origin = self.checked_origin(secret).map_err(|e| e.message)?;
+        self.checked_origin(secret).map_err(|e| e.message)?;
+        let origin = secret.upstream.as_deref().unwrap_or_default();
         let (path, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
         let mut headers = HeaderMap::new();
         let mut query = presets::forward_query(query);
@@ -556,7 +562,7 @@ fn prepare(
     presets::strip_agent_credentials(&mut headers);
     let mut query = presets::forward_query(parts.uri.query());
     presets::inject(&secret.provider, secret.inject.as_deref(), value, &mut headers, &mut query)?;
-    let url = upstreams.url(&origin, path, &query)?;
+    let url = join(origin, path, &query);
     let redactor = redact::Redactor::new(
         &presets::key_parts(&secret.provider, value).iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
     );
