@@ -335,7 +335,10 @@ pub async fn rotate_secret(
         // It finishes, audited, whether or not anyone waits for the answer.
         let vault = s.vault.clone();
         let rotation = tokio::spawn(async move { vault.auto_rotate(&p, &org, &secret, &meta).await });
-        let rotated = rotation.await.map_err(|e| CoreError::invalid("auto", format!("the rotation stopped: {e}")))?;
+        let rotated = rotation.await.map_err(|e| {
+            tracing::error!(error = %e, "automated rotation task ended abnormally");
+            CoreError::RotationFailed { stage: "run", message: "the rotation stopped unexpectedly".into() }
+        })?;
         return ok(rotated?);
     }
     let value = req.value.ok_or_else(|| CoreError::invalid("value", "missing (or set `auto`)"))?.into_value()?;

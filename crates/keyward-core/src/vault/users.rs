@@ -99,7 +99,7 @@ impl Vault {
         role: Role,
         password: Zeroizing<String>,
     ) -> Result<User, CoreError> {
-        let _slot = self.password_work.acquire().await.map_err(|_| CoreError::Sealed)?;
+        let _slot = self.password_work.acquire().await.ok(); // never closed
         let password_hash = tokio::task::spawn_blocking(move || hash_password(&password))
             .await
             .map_err(|e| CoreError::invalid("password", e.to_string()))??;
@@ -159,7 +159,7 @@ impl Vault {
             "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into()
         });
         let ok = {
-            let _slot = self.password_work.acquire().await.map_err(|_| CoreError::Sealed)?;
+            let _slot = self.password_work.acquire().await.ok(); // never closed
             tokio::task::spawn_blocking(move || verify_password(&stored, &password)).await.unwrap_or(false)
         };
         // Only an existing account's name goes to the trail: what was typed

@@ -58,13 +58,18 @@ fn json_escaped(value: &[u8], slash: bool, html: bool) -> Vec<u8> {
 /// kept, as Python's `quote` keeps it), and base64.
 fn forms_of(value: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
     let mut forms = vec![Zeroizing::new(value.to_vec())];
-    for (slash, html) in [(false, false), (true, false), (false, true), (true, true)] {
-        forms.push(Zeroizing::new(json_escaped(value, slash, html)));
-    }
-    for upper in [true, false] {
-        for plus in [false, true] {
-            for keep_slash in [false, true] {
-                forms.push(Zeroizing::new(percent_encoded(value, upper, plus, keep_slash)));
+    // Unreserved bytes only (most API keys): every JSON and percent form is
+    // the value itself, so they are not built on each request.
+    let plain = value.iter().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(b));
+    if !plain {
+        for (slash, html) in [(false, false), (true, false), (false, true), (true, true)] {
+            forms.push(Zeroizing::new(json_escaped(value, slash, html)));
+        }
+        for upper in [true, false] {
+            for plus in [false, true] {
+                for keep_slash in [false, true] {
+                    forms.push(Zeroizing::new(percent_encoded(value, upper, plus, keep_slash)));
+                }
             }
         }
     }
